@@ -1,0 +1,98 @@
+"""``composer-kd`` command line: ``train``, ``prepare-data``, ``export`` and ``make-tiny-assets``.
+
+The CLI only parses arguments and calls library functions. A ``ConfigError`` (a user mistake) prints one
+line and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from composer_kd.errors import ConfigError
+
+__all__ = ['main']
+
+
+def _train(args: argparse.Namespace) -> None:
+    from composer_kd.config import load_config
+    from composer_kd.train import train
+    train(load_config(args.config, args.overrides))
+
+
+def _prepare_data(args: argparse.Namespace) -> None:
+    from composer_kd.prepare_data import prepare_data
+    summary = prepare_data(args.input,
+                 tokenizer=args.tokenizer,
+                 out=args.out,
+                 max_seq_len=args.max_seq_len,
+                 val_fraction=args.val_fraction,
+                 extensions=args.extensions,
+                 text_key=args.text_key,
+                 overwrite=args.overwrite)
+    for split, counts in summary.items():
+        print(f"{split}: {counts['samples']} samples, {counts['tokens']} tokens from {counts['documents']} documents")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from composer_kd.export import export_student
+    export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    print(f'exported the student to {args.out_dir}')
+
+
+def _make_tiny_assets(args: argparse.Namespace) -> None:
+    from composer_kd.tiny_assets import make_tiny_assets
+    make_tiny_assets(args.out, overwrite=args.overwrite)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='composer-kd', description='Knowledge distillation for language models on '
+                                     'MosaicML Composer.')
+    commands = parser.add_subparsers(dest='command', required=True)
+
+    p = commands.add_parser('train', help='train from a YAML run config (launch many processes with `composer -n N '
+                            '-m composer_kd train ...`)')
+    p.add_argument('config', help='YAML run config')
+    p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. optimizer.lr=1e-4 max_duration=10ba')
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser('prepare-data', help='tokenize text/.jsonl files into `tokens` MDS shards (train/val)')
+    p.add_argument('--input', nargs='+', required=True, help='files or folders (searched recursively)')
+    p.add_argument('--tokenizer', required=True, help='Hugging Face tokenizer folder or id')
+    p.add_argument('--out', required=True, help='output folder; gets train/ and val/')
+    p.add_argument('--max-seq-len', type=int, required=True, help='tokens per sample')
+    p.add_argument('--val-fraction', type=float, default=0.05, help='share of documents for val (default 0.05)')
+    p.add_argument('--extensions', nargs='+', default=['.txt', '.jsonl'], help='file endings read from folders '
+                   '(default .txt .jsonl)')
+    p.add_argument('--text-key', default='text', help='field of each .jsonl record holding the text (default text)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    p.set_defaults(run=_prepare_data)
+
+    p = commands.add_parser('export', help='write the student of a checkpoint as a Hugging Face folder')
+    p.add_argument('checkpoint', help='a Composer checkpoint: a .pt file, or a sharded checkpoint folder')
+    p.add_argument('out_dir', help='output folder for save_pretrained (model + tokenizer)')
+    p.add_argument('--overwrite', action='store_true', help='write into a non-empty folder')
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser('make-tiny-assets', help='make the tokenizer, models and data of yamls/tiny-cpu.yaml')
+    p.add_argument('--out', default='tiny-assets', help='output folder (default tiny-assets)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    p.set_defaults(run=_make_tiny_assets)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the CLI; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ConfigError as e:
+        print(f'composer-kd {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'composer-kd {args.command}: interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Token data: Streaming MDS shards with a ``tokens`` column → causal-LM batches and a token-exact ``DataSpec``.
+
+The shard layout is LLM Foundry's ``concat_tokens`` layout (``columns={'tokens': 'ndarray:int32'}``), so
+datasets its converters prepared work as they are.
+"""
+
+import functools
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from composer.core import DataSpec
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader
+
+__all__ = ['TokenDataset', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader']
+
+TOKENS_COLUMN = 'tokens'
+
+
+class TokenDataset(StreamingDataset):
+    """A ``StreamingDataset`` over MDS shards with a ``tokens`` column, truncated to ``max_seq_len``.
+
+    Args:
+        max_seq_len (int): tokens kept from each sample.
+        **kwargs: passed to ``streaming.StreamingDataset`` (``local``, ``remote``, ``split``, ``shuffle``,
+            ``batch_size``, ...).
+    """
+
+    def __init__(self, max_seq_len: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_seq_len = max_seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(index)
+        if TOKENS_COLUMN not in sample:
+            raise ValueError(f'MDS samples need a {TOKENS_COLUMN!r} column (ndarray of token ids); this dataset has '
+                             f'{sorted(sample)}')
+        tokens = np.asarray(sample[TOKENS_COLUMN])[:self.max_seq_len]
+        return {'input_ids': torch.from_numpy(tokens.astype(np.int64))}
+
+
+def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` to the longest sample: ``input_ids``, ``attention_mask`` and ``labels`` ``(B, T)``.
+
+    Labels are the input ids with ``-100`` on padding. Masking by position (not by token value) keeps every
+    real EOS in the loss even when the pad token is the EOS token.
+    """
+    length = max(len(s['input_ids']) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids = sample['input_ids']
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels}
+
+
+def count_tokens(batch: Mapping[str, Any]) -> dict[str, int]:
+    """Composer token counter: ``total`` real tokens and ``loss_generating`` = N of ``distillation_loss``.
+
+    ``loss_generating`` counts shifted targets that are not -100 (``labels[:, 1:]``), exactly the
+    denominator of the loss, so ``accumulate_train_batch_on_tokens`` makes every step exact.
+    """
+    input_ids = batch['input_ids']
+    mask = batch.get('attention_mask')
+    total = int(mask.sum()) if mask is not None else input_ids.numel()
+    labels = batch.get('labels')
+    if labels is None:
+        labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+    return {'total': total, 'loss_generating': int((labels[:, 1:] != -100).sum())}
+
+
+def token_data_spec(dataloader: DataLoader | Any) -> DataSpec:
+    """Wraps a causal-LM dataloader in a ``DataSpec`` whose token counter matches the loss (see ``count_tokens``)."""
+    return DataSpec(dataloader, get_num_tokens_in_batch=count_tokens)
+
+
+def build_token_dataloader(dataset: Mapping[str, Any],
+                           batch_size: int,
+                           pad_token_id: int,
+                           drop_last: bool = True,
+                           num_workers: int = 0,
+                           pin_memory: bool = False,
+                           prefetch_factor: Optional[int] = None,
+                           persistent_workers: bool = False,
+                           timeout: float = 0) -> DataSpec:
+    """Builds the ``DataSpec`` for an LLM Foundry-style ``*_loader`` section.
+
+    Args:
+        dataset (Mapping): ``max_seq_len`` plus ``StreamingDataset`` arguments (``local``, ``remote``,
+            ``split``, ``shuffle``, ``shuffle_seed``, ...).
+        batch_size (int): samples per device batch.
+        pad_token_id (int): id used to pad short samples.
+        drop_last, num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: ``DataLoader`` args.
+
+    Raises:
+        ValueError: when there is neither a local split with an ``index.json`` nor a remote to fetch it from.
+    """
+    kwargs = dict(dataset)
+    max_seq_len = kwargs.pop('max_seq_len')
+    local, remote, split = kwargs.get('local'), kwargs.get('remote'), kwargs.get('split')
+    if remote is None and 'streams' not in kwargs:
+        index = os.path.join(local or '', split or '', 'index.json')
+        if not os.path.isfile(index):
+            raise ValueError(f'no MDS dataset at local={local!r} split={split!r} (missing {index}); '
+                             'make one with `composer-kd prepare-data`')
+    dset = TokenDataset(max_seq_len=max_seq_len, batch_size=batch_size, **kwargs)
+    if len(dset) == 0:
+        raise ValueError(f'the MDS dataset at local={local!r} split={split!r} has no samples')
+    workers = num_workers > 0
+    loader = DataLoader(dset,
+                        batch_size=batch_size,
+                        collate_fn=functools.partial(collate_tokens, pad_token_id=pad_token_id),
+                        drop_last=drop_last,
+                        num_workers=num_workers,
+                        pin_memory=pin_memory,
+                        prefetch_factor=prefetch_factor if workers else None,
+                        persistent_workers=persistent_workers and workers,
+                        timeout=timeout)
+    return token_data_spec(loader)

@@ -1,0 +1,114 @@
+"""Builds the tokenizer, the student, the teacher and the ``DistillationModel`` from the YAML ``model:`` and
+``tokenizer:`` sections, turning every loading failure into a ``ConfigError`` that names its key."""
+
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from composer_kd.errors import ConfigError
+from composer_kd.loss import check_distillation_args
+from composer_kd.model import DistillationModel
+from composer_kd.vocab import check_same_vocabulary
+
+__all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model']
+
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
+
+
+def _looks_local(name: str) -> bool:
+    """True for names that can only be a local folder (a hub id is ``name`` or ``org/name``)."""
+    return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or os.sep != '/' and os.sep in name
+
+
+def _check_source(key: str, name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f'{key} must be a folder or a Hugging Face model id, got {name!r}')
+    if not os.path.isdir(os.path.expanduser(name)) and _looks_local(name):
+        raise ConfigError(f'{key}: folder {name!r} does not exist')
+    return os.path.expanduser(name)
+
+
+def build_tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
+    """``tokenizer: {name: PATH_OR_ID, kwargs: {...}}`` → a Hugging Face tokenizer."""
+    name = _check_source('tokenizer.name', cfg['name'])
+    try:
+        return AutoTokenizer.from_pretrained(name, **(cfg.get('kwargs') or {}))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f'tokenizer.name: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}') from e
+
+
+def _dtype(key: str, value: Optional[str]) -> Optional[torch.dtype]:
+    if value is None or value == 'auto':
+        return value  # type: ignore[return-value]
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f'{key}.torch_dtype: not a torch dtype: {value!r} (e.g. float32, bfloat16)')
+    return dtype
+
+
+def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
+    """Loads ``pretrained_model_name_or_path`` or builds a fresh model from ``config`` (a dict with
+    ``model_type``); ``config_overrides`` patch either config.
+
+    Args:
+        key (str): the config path of this section, for messages (``model.student``).
+        cfg (Mapping): the section.
+    """
+    source, config_dict = cfg.get('pretrained_model_name_or_path'), cfg.get('config')
+    if (source is None) == (config_dict is None):
+        raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or config '
+                          '(a from-scratch model)')
+    kwargs: dict[str, Any] = {'trust_remote_code': bool(cfg.get('trust_remote_code', False))}
+    if cfg.get('attn_implementation') is not None:
+        kwargs['attn_implementation'] = cfg['attn_implementation']
+    overrides = dict(cfg.get('config_overrides') or {})
+    try:
+        if source is not None:
+            source = _check_source(f'{key}.pretrained_model_name_or_path', source)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs['trust_remote_code'], **overrides)
+            model = AutoModelForCausalLM.from_pretrained(source,
+                                                         config=config,
+                                                         torch_dtype=_dtype(key, cfg.get('torch_dtype')),
+                                                         **kwargs)
+        else:
+            if not isinstance(config_dict, Mapping) or 'model_type' not in config_dict:
+                raise ConfigError(f'{key}.config must be a mapping with a model_type, got {config_dict!r}')
+            fields = dict(config_dict)
+            config = AutoConfig.for_model(fields.pop('model_type'), **fields, **overrides)
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=_dtype(key, cfg.get('torch_dtype')), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f'{key}: cannot build the model: {str(e).splitlines()[0]}') from e
+    return model
+
+
+def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> DistillationModel:
+    """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher, loss settings)."""
+    distillation = dict(cfg.get('distillation') or {})
+    if cfg.get('teacher') is None:
+        distillation.setdefault('alpha', 1.0)
+    loss_args = {k: v for k, v in distillation.items() if k not in ('alpha', 'temperature', 'divergence')}
+    try:
+        check_distillation_args(distillation.get('alpha', 0.5), distillation.get('temperature', 1.0),
+                                distillation.get('divergence', 'forward_kl'), loss_args)
+    except ValueError as e:
+        raise ConfigError(f'model.distillation.{e}') from e
+    if cfg.get('teacher') is None and distillation['alpha'] != 1.0:
+        raise ConfigError(f'model.distillation.alpha is {distillation["alpha"]!r} but there is no model.teacher; '
+                          'training without a teacher needs alpha: 1')
+    student = build_causal_lm('model.student', cfg['student'])
+    teacher = build_causal_lm('model.teacher', cfg['teacher']) if cfg.get('teacher') is not None else None
+    for key in ('student', 'teacher'):
+        source = (cfg.get(key) or {}).get('pretrained_model_name_or_path')
+        if source is not None and any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+            try:  # a model folder that ships its own tokenizer must agree with the run's
+                check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(source), f'model.{key}')
+            except ValueError as e:
+                raise ConfigError(f'model.{key}: {e}') from e
+    try:
+        return DistillationModel(student, teacher, tokenizer, **distillation)
+    except ValueError as e:
+        raise ConfigError(f'model: {e}') from e

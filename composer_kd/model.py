@@ -1,0 +1,158 @@
+"""``DistillationModel``: a Composer ``HuggingFaceModel`` whose ``model`` is the student, plus a frozen teacher."""
+
+from typing import Any, Mapping, Optional
+
+import torch
+from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import HuggingFaceModel
+from torchmetrics import Metric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from composer_kd.fsdp import prepare_for_fsdp
+from composer_kd.loss import check_distillation_args, distillation_loss
+from composer_kd.metrics import TeacherDivergenceLoss, TeacherTop1Agreement
+from composer_kd.vocab import shared_vocab_size
+
+__all__ = ['DistillationModel']
+
+_TEACHER_PREFIX = 'teacher.'
+
+
+class DistillationModel(HuggingFaceModel):
+    """Trains a student causal LM on ``alpha·CE + (1−alpha)·T²·D(teacher‖student)`` (see ``distillation_loss``).
+
+    The teacher is frozen by construction: no gradients, always in eval mode (also after the Trainer calls
+    ``train()``), run under ``no_grad`` on every rank for every batch, and left out of ``state_dict()`` so
+    checkpoints hold the student only; rebuild the teacher from its own weights when loading. Give the
+    optimizer ``model.model.parameters()`` (the student's) — ``composer-kd train`` does.
+
+    Logits are cut to ``len(tokenizer)`` before the loss and metrics, which reconciles padded embeddings.
+
+    Args:
+        student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
+        teacher (PreTrainedModel, optional): the frozen causal LM; ``None`` is plain LM training (needs
+            ``alpha=1``).
+        tokenizer (PreTrainedTokenizerBase, optional): the tokenizer both models share.
+        alpha (float): weight of cross-entropy on the labels. Default: ``0.5``.
+        temperature (float): softmax temperature of the divergence. Default: ``1.0``.
+        divergence (str): see ``composer_kd.distillation_loss``. Default: ``'forward_kl'``.
+        **divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew divergences).
+
+    Example:
+        >>> model = DistillationModel(student, teacher, tokenizer, alpha=0.5, temperature=2.0)
+        >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.model.parameters()), ...)
+    """
+
+    def __init__(self,
+                 student: PreTrainedModel,
+                 teacher: Optional[PreTrainedModel] = None,
+                 tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                 *,
+                 alpha: float = 0.5,
+                 temperature: float = 1.0,
+                 divergence: str = 'forward_kl',
+                 **divergence_kwargs: float) -> None:
+        resolved_kwargs = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
+        if teacher is None and alpha != 1.0:
+            raise ValueError(f'a DistillationModel without a teacher trains on labels alone and needs alpha=1, '
+                             f'got alpha={alpha!r}')
+        vocab_size = shared_vocab_size(student, teacher, tokenizer)
+        eval_metrics: list[Metric] = [LanguageCrossEntropy(), LanguagePerplexity()]
+        if teacher is not None:
+            eval_metrics += [
+                TeacherDivergenceLoss(divergence, temperature, resolved_kwargs),
+                TeacherTop1Agreement(),
+            ]
+        super().__init__(model=student,
+                         tokenizer=tokenizer,
+                         use_logits=True,
+                         shift_labels=True,
+                         metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
+                         eval_metrics=eval_metrics)
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.divergence = divergence
+        self.divergence_kwargs = resolved_kwargs
+        prepare_for_fsdp(student, frozen=False)
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            prepare_for_fsdp(teacher, frozen=True)
+
+    # -- training ------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> 'DistillationModel':
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _cut(self, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Drops logits past the shared vocabulary (padded embedding rows)."""
+        if logits is None or logits.shape[-1] == self.vocab_size:
+            return logits
+        return logits[..., :self.vocab_size]
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Optional[torch.Tensor]]:
+        inputs = {'input_ids': batch['input_ids'], 'attention_mask': batch.get('attention_mask'), 'use_cache': False}
+        student_logits = self.model(**inputs).logits
+        teacher_logits = None
+        # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
+        # Either way the decision is the same on every rank, which FSDP needs.
+        if self.teacher is not None and (self.alpha < 1.0 or not self.model.training):
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
+        return {'logits': student_logits, 'teacher_logits': teacher_logits}
+
+    @staticmethod
+    def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
+        if 'labels' in batch:
+            return batch['labels']
+        labels = batch['input_ids'].clone()
+        if batch.get('attention_mask') is not None:
+            labels[batch['attention_mask'] == 0] = -100
+        return labels
+
+    def loss(self, outputs: Mapping[str, Optional[torch.Tensor]], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        losses = distillation_loss(self._cut(outputs['logits']),
+                                   self._cut(outputs['teacher_logits']),
+                                   self._labels(batch),
+                                   alpha=self.alpha,
+                                   temperature=self.temperature,
+                                   divergence=self.divergence,
+                                   **self.divergence_kwargs)
+        # Composer backpropagates 'total' and logs every key as loss/train/<key>.
+        return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> Any:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        labels = self._labels(batch)
+        # Targets aligned with the logits: position t is scored against labels[t+1]; the last is unscored.
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        student_logits = self._cut(outputs['logits'])
+        if isinstance(metric, (TeacherDivergenceLoss, TeacherTop1Agreement)):
+            metric.update(student_logits, self._cut(outputs['teacher_logits']), targets)
+        else:
+            metric.update(student_logits.contiguous(), targets)  # Composer's LM metrics use .view()
+
+    # -- checkpoints: the student only ---------------------------------------------------------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(prefix + _TEACHER_PREFIX)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        # Keep torch's signature: torch.distributed.checkpoint calls it with keywords (FSDP2 autoresume).
+        student_state = {k: v for k, v in state_dict.items() if not k.startswith(_TEACHER_PREFIX)}
+        result = super().load_state_dict(student_state, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(_TEACHER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f'Error(s) in loading state_dict for {type(self).__name__}: '
+                               f'missing keys {missing}, unexpected keys {result.unexpected_keys}')
+        result.missing_keys[:] = missing
+        return result

@@ -1,0 +1,79 @@
+"""Names usable in YAML run configs, with LLM Foundry's spelling, mapped to Composer's own classes."""
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import torch
+from composer import algorithms, callbacks, loggers, optim
+
+from composer_kd.errors import ConfigError
+from composer_kd.scheduled_gc import ScheduledGarbageCollector
+
+__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'ALGORITHMS', 'CALLBACKS', 'LOGGERS', 'construct']
+
+OPTIMIZERS: dict[str, Callable[..., Any]] = {
+    'decoupled_adamw': optim.DecoupledAdamW,
+    'decoupled_sgdw': optim.DecoupledSGDW,
+    'adamw': torch.optim.AdamW,
+}
+
+SCHEDULERS: dict[str, Callable[..., Any]] = {
+    'constant': optim.ConstantScheduler,
+    'constant_with_warmup': optim.ConstantWithWarmupScheduler,
+    'cosine': optim.CosineAnnealingScheduler,
+    'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
+    'linear': optim.LinearScheduler,
+    'linear_decay_with_warmup': optim.LinearWithWarmupScheduler,
+}
+
+ALGORITHMS: dict[str, Callable[..., Any]] = {
+    'gradient_clipping': algorithms.GradientClipping,
+    'ema': algorithms.EMA,
+}
+
+CALLBACKS: dict[str, Callable[..., Any]] = {
+    'early_stopper': callbacks.EarlyStopper,
+    'threshold_stopper': callbacks.ThresholdStopper,
+    'lr_monitor': callbacks.LRMonitor,
+    'speed_monitor': callbacks.SpeedMonitor,
+    'memory_monitor': callbacks.MemoryMonitor,
+    'runtime_estimator': callbacks.RuntimeEstimator,
+    'optimizer_monitor': callbacks.OptimizerMonitor,
+    'nan_monitor': callbacks.NaNMonitor,
+    'scheduled_gc': ScheduledGarbageCollector,
+}
+
+LOGGERS: dict[str, Callable[..., Any]] = {
+    'file': loggers.FileLogger,
+    'inmemory': loggers.InMemoryLogger,
+    'wandb': loggers.WandBLogger,
+    'mlflow': loggers.MLFlowLogger,
+    'tensorboard': loggers.TensorboardLogger,
+}
+
+
+def construct(section: str, table: Mapping[str, Callable[..., Any]], name: str, kwargs: Mapping[str, Any],
+              *args: Any) -> Any:
+    """Builds ``table[name](*args, **kwargs)``; unknown names and keys become a ``ConfigError`` naming them.
+
+    Args:
+        section (str): the config section, used in messages (e.g. ``callbacks``).
+        table (Mapping): registered names → classes.
+        name (str): the name in the config.
+        kwargs (Mapping): the keyword arguments from the config.
+        *args: leading positional arguments supplied by the builder (e.g. optimizer params).
+    """
+    if name not in table:
+        raise ConfigError(f'{section}: unknown name {name!r}; known: {sorted(table)}')
+    cls = table[name]
+    kwargs = dict(kwargs or {})
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ConfigError(f'{section}.{name}: unknown key {unknown[0]!r}; '
+                              f'allowed: {sorted(k for k in params if k not in ("self", "params"))}')
+    try:
+        return cls(*args, **kwargs)
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(f'{section}.{name}: {e}'.splitlines()[0]) from e
