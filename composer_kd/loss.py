@@ -118,7 +118,7 @@ def distillation_loss(
     student = student_logits[mask].to(dtype)
     ce = F.cross_entropy(student, _targets(labels, mask, shift_labels), reduction='sum') / n_tokens
 
-    if teacher_logits is None or alpha == 1.0:
+    if teacher_logits is None:
         kd = student.new_zeros(())
     else:
         divergence_fn, _ = DIVERGENCES[divergence]

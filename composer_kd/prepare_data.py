@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -123,10 +124,26 @@ def prepare_data(inputs: Sequence[str],
         raise ConfigError(f'--val-fraction must be in [0, 1), got {val_fraction}')
     documents = find_documents(inputs, extensions)
     tok = _load_tokenizer(tokenizer)
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
+    # Write next to `out` and move into place at the end: a failed or interrupted run leaves no partial dataset.
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
+    try:
+        summary = _write_splits(documents, tok, staging, max_seq_len, val_fraction, text_key)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
         shutil.rmtree(out)
+    os.rename(staging, out)
+    return summary
+
+
+def _write_splits(documents: Sequence[tuple[str, str]], tok: PreTrainedTokenizerBase, out: str, max_seq_len: int,
+                  val_fraction: float, text_key: str) -> dict[str, dict[str, int]]:
+    """Tokenizes ``documents`` into ``out/train`` and ``out/val``; returns the per-split counts."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     packers = {
         split: _Packer(MDSWriter(columns={'tokens': 'ndarray:int32'}, out=os.path.join(out, split), compression='zstd'),

@@ -86,9 +86,10 @@ def _callbacks(cfg: Mapping[str, Any], eval_metric_names: list[str], has_eval: b
         if name in ('early_stopper', 'threshold_stopper'):
             monitor, label = kwargs.get('monitor'), kwargs.get('dataloader_label', 'eval')
             names = eval_metric_names if label != 'train' else ['LanguageCrossEntropy', 'LanguagePerplexity']
-            if label != 'train' and (label != 'eval' or not has_eval):
-                raise ConfigError(f"callbacks.{name}.dataloader_label={label!r}: use 'eval' (needs eval_loader) or "
-                                  "'train'")
+            if label not in ('train', 'eval'):
+                raise ConfigError(f"callbacks.{name}.dataloader_label={label!r}: use 'eval' or 'train'")
+            if label == 'eval' and not has_eval:
+                raise ConfigError(f"callbacks.{name}.dataloader_label='eval' needs an eval_loader")
             if monitor not in names:
                 raise ConfigError(f'callbacks.{name}.monitor={monitor!r} is not a metric of this run; choose one of '
                                   f'{names}')
@@ -105,7 +106,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
         ConfigError: for any value that cannot be used, naming its key.
     """
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    level = str(cfg.get('python_log_level', 'info')).upper()
+    level = str(cfg.get('python_log_level', 'warning')).upper()
     for name in ('composer', 'composer_kd'):
         logging.getLogger(name).setLevel(level)
 

@@ -1,0 +1,94 @@
+"""``prepare-data`` shards, the collator and the token counter behind ``token_data_spec``."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from streaming import StreamingDataset
+
+from composer_kd import token_data_spec
+from composer_kd.cli import main
+from composer_kd.data import collate_tokens, count_tokens
+from composer_kd.loss import scored_positions
+from composer_kd.prepare_data import split_of
+
+
+def _digest(folder) -> str:
+    return hashlib.sha256(b''.join(p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file())).hexdigest()
+
+
+def _corpus(tmp_path):
+    corpus = tmp_path / 'corpus'
+    (corpus / 'sub').mkdir(parents=True)
+    for i in range(30):
+        (corpus / f'doc{i:02d}.txt').write_text(f'document {i} ' + 'def f(x): return x * 2\n' * (i + 1))
+    lines = [json.dumps({'text': f'record {i} ' * 20}) for i in range(20)]
+    (corpus / 'sub' / 'records.jsonl').write_text('\n'.join(lines) + '\n')
+    (corpus / 'ignored.md').write_text('not read: wrong extension')
+    return corpus
+
+
+def test_prepare_data_is_deterministic_and_lossless(capsys, tmp_path, tiny_assets) -> None:
+    corpus = _corpus(tmp_path)
+    args = ['prepare-data', '--input', str(corpus), '--tokenizer', str(tiny_assets / 'tokenizer'), '--max-seq-len',
+            '32', '--val-fraction', '0.2']
+    assert main(args + ['--out', str(tmp_path / 'a')]) == 0
+    assert main(args + ['--out', str(tmp_path / 'b')]) == 0
+    assert 'train:' in capsys.readouterr().out
+    assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b')
+
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer')
+    documents = [(p.name, p.read_text()) for p in sorted(corpus.glob('*.txt'))]
+    documents += [(f'sub/records.jsonl:{i + 1}', f'record {i} ' * 20) for i in range(20)]
+    for split in ('train', 'val'):
+        ds = StreamingDataset(local=str(tmp_path / 'a' / split), shuffle=False, batch_size=1)
+        samples = [ds[i]['tokens'] for i in range(len(ds))]
+        assert all(s.dtype == np.int32 and len(s) <= 32 for s in samples)
+        assert all(len(s) == 32 for s in samples[:-1])
+        names = [name for name, _ in documents if split_of(name, 0.2) == split]  # file order, then line order
+        want = [t for name in names for t in tok(dict(documents)[name])['input_ids'] + [tok.eos_token_id]]
+        assert np.concatenate(samples).tolist() == want  # concatenated in order, nothing lost
+
+
+def test_prepare_data_bad_inputs(capsys, tmp_path, tiny_assets) -> None:
+    tok = str(tiny_assets / 'tokenizer')
+    base = ['prepare-data', '--tokenizer', tok, '--max-seq-len', '16', '--out', str(tmp_path / 'out')]
+    cases = [
+        (['--input', str(tmp_path / 'missing')], 'no such file or folder'),
+        (['--input', str(tmp_path), '--extensions', '.none'], 'no files ending in'),
+        (['--input', str(_corpus(tmp_path)), '--val-fraction', '1.0'], '--val-fraction must be in [0, 1)'),
+        (['--input', str(tmp_path / 'corpus'), '--max-seq-len', '1'], '--max-seq-len must be at least 2'),
+    ]
+    for extra, match in cases:
+        assert main(base + extra) == 2
+        assert match in capsys.readouterr().err
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"text": "ok"}\n{"txt": "wrong key"}\n')
+    assert main(base + ['--input', str(bad)]) == 2
+    assert "bad.jsonl:2: expected an object with a string field 'text'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.jsonl', 'corpus']  # no partial output left
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'keep').write_text('x')
+    assert main(base + ['--input', str(tmp_path / 'corpus')]) == 2
+    assert 'exists and is not empty' in capsys.readouterr().err
+
+
+def test_collator_masks_padding_by_position_not_by_token() -> None:
+    eos = 5  # pad id == a real token id: real occurrences must stay in the loss
+    batch = collate_tokens([{'input_ids': torch.tensor([1, 5, 2, 5])}, {'input_ids': torch.tensor([3, 5])}],
+                           pad_token_id=eos)
+    assert batch['input_ids'].tolist() == [[1, 5, 2, 5], [3, 5, 5, 5]]
+    assert batch['attention_mask'].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch['labels'].tolist() == [[1, 5, 2, 5], [3, 5, -100, -100]]
+
+
+def test_token_counter_equals_the_loss_denominator() -> None:
+    batch = collate_tokens([{'input_ids': torch.arange(n)} for n in (7, 1, 4)])
+    batch['labels'][0, 3] = -100
+    counts = token_data_spec([batch]).get_num_tokens_in_batch(batch, token_type='loss_generating')
+    assert counts == int(scored_positions(batch['labels']).sum()) == 6 + 0 + 3 - 1
+    assert count_tokens(batch)['total'] == 12
+    assert count_tokens({'input_ids': batch['input_ids']})['loss_generating'] == 3 * 6

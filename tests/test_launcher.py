@@ -1,0 +1,119 @@
+"""The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, and an FSDP2 run
+killed after a sharded checkpoint that autoresume continues exactly. Slow (about 1.5 minutes on 2 cores)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+pytestmark = pytest.mark.launcher
+
+# Full learning rate from the first batch, so that any difference in data order or gradients shows up.
+COMMON = ['optimizer.lr=0.02', 'scheduler.t_warmup=0ba', 'eval_loader=null', 'log_to_console=false',
+          'max_duration=12ba', 'save_interval=2ba']
+# The file logger keeps 4 decimals. Sharded, replicated and single-process runs reduce gradients in different
+# orders, and a dozen Adam steps grow that float noise to ~1e-3; the same layout before and after a resume
+# must agree to the printed digit. (A wrong optimizer or scheduler state moves the loss ~1e-2 in one step.)
+ACROSS_LAYOUTS = 2e-3
+SAME_LAYOUT = 1e-4
+FSDP = ['fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}', 'autoresume=true']
+
+
+def _command(tmp_path: Path, nproc: int, config: Path, overrides: tuple[str, ...]) -> tuple[list[str], Path]:
+    log = tmp_path / f'loss-{len(list(tmp_path.glob("loss-*")))}.txt'
+    cmd = [
+        sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), '--stdout', str(tmp_path / 'rank{rank}.out'),
+        '--stderr', str(tmp_path / 'rank{rank}.err'), '-m', 'composer_kd', 'train', str(config), *COMMON,
+        f'loggers={{file: {{filename: {log}, flush_interval: 1}}}}', *overrides
+    ]
+    return cmd, log
+
+
+def _losses(log: Path) -> dict[int, float]:
+    """``{batch: loss/train/total}`` from a Composer file log."""
+    found = re.findall(r'\[batch=(\d+)\]: loss/train/total: ([0-9.]+)', log.read_text())
+    return {int(b): float(v) for b, v in found}
+
+
+def _launch(tmp_path: Path, nproc: int, config: Path, *overrides: str, fsdp2: bool = False) -> dict[int, float]:
+    """Runs ``composer -n nproc -m composer_kd train`` to the end and returns the losses it logged."""
+    cmd, log = _command(tmp_path, nproc, config, overrides)
+    env = dict(os.environ, FSDP_VERSION='2') if fsdp2 else dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    errors = ''.join(p.read_text()[-3000:] for p in tmp_path.glob('rank*.err'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + errors
+    return _losses(log)
+
+
+def _launch_and_kill(tmp_path: Path, config: Path, latest: Path) -> dict[int, float]:
+    """Starts a 2-process FSDP2 run and SIGKILLs all its processes once the ``latest`` symlink exists, which
+    Composer writes after a checkpoint is complete."""
+    cmd, log = _command(tmp_path, 2, config, tuple(FSDP))
+    proc = subprocess.Popen(cmd, env=dict(os.environ, FSDP_VERSION='2'), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not latest.is_symlink() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    return _losses(log)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Path) -> dict[int, float]:
+    """One process, device batch 8 in two microbatches of 4."""
+    tmp = tmp_path_factory.mktemp('reference')
+    config = _copy_config(tmp, tiny_assets)
+    return _launch(tmp, 1, config, 'save_folder=null')
+
+
+def _copy_config(tmp: Path, tiny_assets: Path) -> Path:
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    cfg.save_folder = str(tmp / 'runs' / '{run_name}' / 'checkpoints')
+    path = tmp / 'config.yaml'
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def _assert_same_trajectory(got: dict[int, float], want: dict[int, float], tolerance: float) -> None:
+    assert got and set(got) <= set(want)
+    worst = max(abs(loss - want[batch]) for batch, loss in got.items())
+    assert worst <= tolerance, f'max |difference| {worst:.4f}: got {sorted(got.items())}, want {sorted(want.items())}'
+
+
+def test_ddp_two_processes_match_one(tmp_path: Path, tiny_assets: Path, reference: dict[int, float]) -> None:
+    assert len(reference) == 12 and reference[11] < reference[0] - 0.3  # it learns: the comparison means something
+    got = _launch(tmp_path, 2, _copy_config(tmp_path, tiny_assets), 'save_folder=null')
+    _assert_same_trajectory(got, reference, ACROSS_LAYOUTS)
+    assert len(got) == 12
+
+
+def test_fsdp2_killed_run_autoresumes_from_its_sharded_checkpoint(tmp_path: Path, tiny_assets: Path,
+                                                                   reference: dict[int, float]) -> None:
+    config = _copy_config(tmp_path, tiny_assets)
+    uninterrupted = _launch(tmp_path, 2, config, 'save_folder=null', FSDP[0], fsdp2=True)
+    _assert_same_trajectory(uninterrupted, reference, ACROSS_LAYOUTS)
+
+    checkpoints = tmp_path / 'runs' / 'tiny-cpu' / 'checkpoints'
+    killed = _launch_and_kill(tmp_path, config, checkpoints / 'latest-rank0.pt')
+    _assert_same_trajectory(killed, uninterrupted, SAME_LAYOUT)
+    resume_from = int(os.readlink(checkpoints / 'latest-rank0.pt').rsplit('ba', 1)[1])
+    metadata = dcp.FileSystemReader(str(checkpoints / f'ep0-ba{resume_from}')).read_metadata()
+    keys = list(metadata.state_dict_metadata)
+    assert any(k.startswith('state.model.model.') for k in keys)
+    assert not [k for k in keys if 'teacher' in k]  # the sharded checkpoint holds the student only
+
+    # The same command again: autoresume loads the latest sharded checkpoint and finishes the run.
+    resumed = _launch(tmp_path, 2, config, *FSDP, fsdp2=True)
+    assert sorted(resumed) == list(range(resume_from, 12))  # continues where the checkpoint stopped
+    _assert_same_trajectory(resumed, uninterrupted, SAME_LAYOUT)  # model, optimizer, scheduler, data order
+    assert (checkpoints / 'ep0-ba12' / '.metadata').is_file()

@@ -1,0 +1,63 @@
+"""One optimizer step gives the same student whatever ``device_train_microbatch_size`` is.
+
+The batch has uneven padding, so microbatches hold different numbers of scored tokens; only a loss that is a
+token sum over a token count, with Composer weighting microbatches by that count, makes the steps agree.
+"""
+
+import pytest
+import torch
+from composer import Trainer
+from torch.utils.data import DataLoader
+
+from composer_kd import DistillationModel, token_data_spec
+from composer_kd.data import collate_tokens
+from helpers import tiny_gpt2
+
+LENGTHS = [16, 3, 11, 7, 2, 13]  # six sequences; padding differs in every microbatch split
+
+
+def _one_step(microbatch: int, accumulate_on_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """Student parameters after one SGD step (SGD keeps the update proportional to the gradient)."""
+    g = torch.Generator().manual_seed(0)
+    samples = [{'input_ids': torch.randint(0, 48, (n,), generator=g)} for n in LENGTHS]
+    loader = DataLoader(samples, batch_size=len(samples), collate_fn=collate_tokens)
+    student = tiny_gpt2(seed=1, dtype=torch.float64)
+    teacher = tiny_gpt2(n_layer=2, n_embd=24, seed=2, dtype=torch.float64)
+    model = DistillationModel(student, teacher, alpha=0.4, temperature=2.0, divergence='jsd')
+    trainer = Trainer(model=model,
+                      train_dataloader=token_data_spec(loader),
+                      optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
+                      max_duration='1ba',
+                      device='cpu',
+                      precision='fp32',
+                      device_train_microbatch_size=microbatch,
+                      accumulate_train_batch_on_tokens=accumulate_on_tokens,
+                      progress_bar=False,
+                      log_to_console=False,
+                      seed=0)
+    trainer.fit()
+    return {k: v.detach().clone() for k, v in student.named_parameters()}
+
+
+def _relative_update_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    start = {k: v.detach() for k, v in tiny_gpt2(seed=1, dtype=torch.float64).named_parameters()}
+    diff = sum(((a[k] - b[k])**2).sum() for k in a)**0.5
+    update = sum(((a[k] - start[k])**2).sum() for k in a)**0.5
+    assert update > 1e-3  # the step really moved the student
+    return float(diff / update)
+
+
+@pytest.fixture(scope='module')
+def full_batch() -> dict[str, torch.Tensor]:
+    return _one_step(microbatch=len(LENGTHS))
+
+
+@pytest.mark.parametrize('microbatch', [1, 2, 4])
+def test_same_update_for_every_microbatch_size(full_batch: dict[str, torch.Tensor], microbatch: int) -> None:
+    # 4 does not divide 6: the last microbatch is smaller, as Composer allows.
+    assert _relative_update_difference(_one_step(microbatch), full_batch) <= 1e-6
+
+
+def test_sample_weighted_accumulation_would_differ(full_batch: dict[str, torch.Tensor]) -> None:
+    # The control: weighting microbatches by samples instead of tokens changes the step noticeably.
+    assert _relative_update_difference(_one_step(1, accumulate_on_tokens=False), full_batch) > 1e-2
