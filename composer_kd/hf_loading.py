@@ -8,7 +8,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.errors import ConfigError
-from composer_kd.loss import check_distillation_args
 from composer_kd.model import DistillationModel
 from composer_kd.vocab import check_same_vocabulary
 
@@ -90,15 +89,6 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     distillation = dict(cfg.get('distillation') or {})
     if cfg.get('teacher') is None:
         distillation.setdefault('alpha', 1.0)
-    loss_args = {k: v for k, v in distillation.items() if k not in ('alpha', 'temperature', 'divergence')}
-    try:
-        check_distillation_args(distillation.get('alpha', 0.5), distillation.get('temperature', 1.0),
-                                distillation.get('divergence', 'forward_kl'), loss_args)
-    except ValueError as e:
-        raise ConfigError(f'model.distillation.{e}') from e
-    if cfg.get('teacher') is None and distillation['alpha'] != 1.0:
-        raise ConfigError(f'model.distillation.alpha is {distillation["alpha"]!r} but there is no model.teacher; '
-                          'training without a teacher needs alpha: 1')
     student = build_causal_lm('model.student', cfg['student'])
     teacher = build_causal_lm('model.teacher', cfg['teacher']) if cfg.get('teacher') is not None else None
     for key in ('student', 'teacher'):

@@ -10,8 +10,8 @@ optimizer step exactly the gradient of the global per-token mean, however the ba
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
+from composer_kd.chunked_loss import hybrid_loss_sums
 from composer_kd.divergences import DIVERGENCES
 
 __all__ = ['distillation_loss', 'check_distillation_args', 'scored_positions']
@@ -56,11 +56,11 @@ def scored_positions(labels: torch.Tensor, ignore_index: int = -100, shift_label
     return mask
 
 
-def _targets(labels: torch.Tensor, mask: torch.Tensor, shift_labels: bool) -> torch.Tensor:
-    """The ``(N,)`` target ids at the scored positions of ``mask``."""
-    if not shift_labels:
-        return labels[mask]
-    return labels[:, 1:][mask[:, :-1]]
+def _shifted_targets(labels: torch.Tensor, mask: torch.Tensor, shift_labels: bool) -> torch.Tensor:
+    """``(B, T)`` target of every logit position: the next label when shifting; 0 where nothing is scored."""
+    if shift_labels:
+        labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1)  # the last column is unscored anyway
+    return torch.where(mask, labels, torch.zeros_like(labels))
 
 
 def distillation_loss(
@@ -73,6 +73,7 @@ def distillation_loss(
     divergence: str = 'forward_kl',
     ignore_index: int = -100,
     shift_labels: bool = True,
+    chunk_elements: Optional[int] = None,
     **divergence_kwargs: float,
 ) -> dict[str, torch.Tensor]:
     """Hybrid cross-entropy + distillation loss, normalised by the number of scored tokens.
@@ -89,12 +90,16 @@ def distillation_loss(
             ``skew_reverse_kl`` (``lam``), ``tvd``. Default: ``'forward_kl'``.
         ignore_index (int): label value excluded from both terms. Default: ``-100``.
         shift_labels (bool): score the logits at t against ``labels[:, t+1]`` (causal LM). Default: ``True``.
+        chunk_elements (int, optional): rows × V evaluated at a time; bounds the float32 working memory.
+            Default: 2**20 on CPU, 2**24 on CUDA.
         **divergence_kwargs: ``beta`` for ``jsd``, ``lam`` for the skew divergences.
 
     Returns:
         dict[str, Tensor]: scalars ``total = alpha·ce + (1−alpha)·T²·kd``, ``ce`` (mean token cross-entropy)
-        and ``kd`` (mean token divergence), in float32 (float64 for float64 input). With no scored token
-        all three are 0 and their gradient is 0.
+        and ``kd`` (mean token divergence), in float32 (float64 for float64 input). Only ``total`` carries a
+        gradient, to ``student_logits`` (the teacher is a constant target); it is computed chunk by chunk
+        during the forward pass, so no ``(N, V)`` intermediate outlives its chunk. With no scored token all
+        three are 0 and the gradient is 0.
 
     Raises:
         ValueError: for an invalid hyperparameter or mismatched shapes.
@@ -111,19 +116,9 @@ def distillation_loss(
         raise ValueError(f'teacher_logits shape {tuple(teacher_logits.shape)} does not match '
                          f'student_logits shape {tuple(student_logits.shape)}')
 
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
     mask = scored_positions(labels, ignore_index, shift_labels)
-    n_tokens = mask.sum().clamp(min=1)
-    # Gather the N scored rows first: everything after this is (N, V), not (B, T, V).
-    student = student_logits[mask].to(dtype)
-    ce = F.cross_entropy(student, _targets(labels, mask, shift_labels), reduction='sum') / n_tokens
-
-    if teacher_logits is None:
-        kd = student.new_zeros(())
-    else:
-        divergence_fn, _ = DIVERGENCES[divergence]
-        q_log = F.log_softmax(student / temperature, dim=-1)
-        p_log = F.log_softmax(teacher_logits[mask].to(dtype) / temperature, dim=-1)
-        kd = divergence_fn(p_log, q_log, **params).sum() / n_tokens
-    total = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    targets = _shifted_targets(labels, mask, shift_labels)
+    total, ce, kd = hybrid_loss_sums(student_logits, teacher_logits, mask.flatten(), targets.flatten(),
+                                     mask.sum().clamp(min=1), alpha, temperature, DIVERGENCES[divergence][0], params,
+                                     chunk_elements)
     return {'total': total, 'ce': ce, 'kd': kd}

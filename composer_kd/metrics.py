@@ -1,25 +1,59 @@
-"""Teacher–student metrics, summed over tokens and reduced across ranks like Composer's language metrics.
+"""Token-level metrics on the chunked loss path, summed over tokens and reduced across ranks.
+
+Composer's ``LanguageCrossEntropy`` takes a full ``(B·T, V)`` log-softmax per update — at a 128k vocabulary
+as large as the logits themselves, every training microbatch (Composer updates train metrics after each
+one). The classes here keep Composer's names, states and ``compute`` but update through
+``distillation_loss`` under ``no_grad``, chunk by chunk.
 
 Names matter: Composer's ``EarlyStopper`` picks ``less`` as the better direction when the monitored name
 contains "loss", so ``TeacherDivergenceLoss`` is minimised and ``TeacherTop1Agreement`` maximised without a
 ``comp`` argument.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
+from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from torchmetrics import Metric
 
-from composer_kd.divergences import DIVERGENCES
+from composer_kd.loss import distillation_loss
 
-__all__ = ['TeacherDivergenceLoss', 'TeacherTop1Agreement']
+__all__ = ['ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss', 'TeacherTop1Agreement']
 
 
-class _TokenMeanMetric(Metric):
-    """Mean of a per-token quantity over the tokens whose target is not ``ignore_index``.
+def _token_sums(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor,
+                ignore_index: int, **loss_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE sum, divergence sum, token count) over targets ``(B, T)`` already aligned with the logits."""
+    with torch.no_grad():
+        out = distillation_loss(student_logits, teacher_logits, targets, shift_labels=False, ignore_index=ignore_index,
+                                **loss_kwargs)
+    count = (targets != ignore_index).sum()
+    return out['ce'] * count, out['kd'] * count, count
 
-    ``update`` takes student and teacher logits ``(B, T, V)`` and already-shifted targets ``(B, T)``.
+
+class _ChunkedCrossEntropyUpdate:
+    """``update(logits (B, T, V), targets (B, T))`` for Composer's language metrics, on the chunked path."""
+
+    ignore_index: int
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        ce_sum, _, count = _token_sums(output, None, target, self.ignore_index, alpha=1.0)
+        self.sum_loss += ce_sum.to(self.sum_loss.dtype)  # type: ignore[attr-defined]
+        self.total_items += count  # type: ignore[attr-defined]
+
+
+class ChunkedLanguageCrossEntropy(_ChunkedCrossEntropyUpdate, LanguageCrossEntropy):
+    """Composer's ``LanguageCrossEntropy`` (mean token CE), updated without a full-vocabulary copy."""
+
+
+class ChunkedLanguagePerplexity(_ChunkedCrossEntropyUpdate, LanguagePerplexity):
+    """Composer's ``LanguagePerplexity`` (exp of the mean token CE), updated without a full-vocabulary copy."""
+
+
+class _TeacherTokenMetric(Metric):
+    """Mean of a per-token teacher–student quantity over targets that are not ``ignore_index``.
+
+    ``update`` takes student and teacher logits ``(B, T, V)`` and targets ``(B, T)`` aligned with them.
     """
 
     full_state_update = False
@@ -30,20 +64,11 @@ class _TokenMeanMetric(Metric):
         self.add_state('sum', default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx='sum')
         self.add_state('count', default=torch.tensor(0, dtype=torch.long), dist_reduce_fx='sum')
 
-    def _per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        mask = targets != self.ignore_index
-        values = self._per_token(student_logits[mask].float(), teacher_logits[mask].float())
-        self.sum += values.sum().to(torch.float64)
-        self.count += mask.sum()
-
     def compute(self) -> torch.Tensor:
         return (self.sum / self.count.clamp(min=1)).float()
 
 
-class TeacherDivergenceLoss(_TokenMeanMetric):
+class TeacherDivergenceLoss(_TeacherTokenMetric):
     """Per-token divergence D(teacher‖student) at the distillation temperature (the unscaled ``kd`` term).
 
     Args:
@@ -56,22 +81,24 @@ class TeacherDivergenceLoss(_TokenMeanMetric):
     def __init__(self,
                  divergence: str = 'forward_kl',
                  temperature: float = 1.0,
-                 divergence_kwargs: dict[str, Any] | None = None,
+                 divergence_kwargs: Optional[dict[str, Any]] = None,
                  ignore_index: int = -100,
                  dist_sync_on_step: bool = False) -> None:
         super().__init__(ignore_index=ignore_index, dist_sync_on_step=dist_sync_on_step)
-        self.divergence_fn = DIVERGENCES[divergence][0]
-        self.temperature = temperature
-        self.divergence_kwargs = dict(divergence_kwargs or {})
+        self.loss_kwargs = {'alpha': 0.0, 'temperature': temperature, 'divergence': divergence,
+                            **(divergence_kwargs or {})}
 
-    def _per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        p_log = F.log_softmax(teacher / self.temperature, dim=-1)
-        q_log = F.log_softmax(student / self.temperature, dim=-1)
-        return self.divergence_fn(p_log, q_log, **self.divergence_kwargs)
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        _, kd_sum, count = _token_sums(student_logits, teacher_logits, targets, self.ignore_index, **self.loss_kwargs)
+        self.sum += kd_sum.to(torch.float64)
+        self.count += count
 
 
-class TeacherTop1Agreement(_TokenMeanMetric):
+class TeacherTop1Agreement(_TeacherTokenMetric):
     """Fraction of scored tokens where the student's argmax equals the teacher's argmax."""
 
-    def _per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return (student.argmax(dim=-1) == teacher.argmax(dim=-1)).float()
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        mask = targets != self.ignore_index
+        agree = student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)
+        self.sum += (agree & mask).sum().to(torch.float64)
+        self.count += mask.sum()

@@ -3,19 +3,23 @@
 from typing import Any, Mapping, Optional
 
 import torch
-from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.fsdp import prepare_for_fsdp
 from composer_kd.loss import check_distillation_args, distillation_loss
-from composer_kd.metrics import TeacherDivergenceLoss, TeacherTop1Agreement
+from composer_kd.metrics import (ChunkedLanguageCrossEntropy, ChunkedLanguagePerplexity, TeacherDivergenceLoss,
+                                 TeacherTop1Agreement)
 from composer_kd.vocab import shared_vocab_size
 
 __all__ = ['DistillationModel']
 
 _TEACHER_PREFIX = 'teacher.'
+
+
+def _language_metrics() -> dict[str, Metric]:
+    return {'LanguageCrossEntropy': ChunkedLanguageCrossEntropy(), 'LanguagePerplexity': ChunkedLanguagePerplexity()}
 
 
 class DistillationModel(HuggingFaceModel):
@@ -57,18 +61,13 @@ class DistillationModel(HuggingFaceModel):
             raise ValueError(f'a DistillationModel without a teacher trains on labels alone and needs alpha=1, '
                              f'got alpha={alpha!r}')
         vocab_size = shared_vocab_size(student, teacher, tokenizer)
-        eval_metrics: list[Metric] = [LanguageCrossEntropy(), LanguagePerplexity()]
+        super().__init__(model=student, tokenizer=tokenizer, use_logits=True, shift_labels=True)
+        # Composer's names (what LLM Foundry users monitor) on the chunked implementations.
+        self.train_metrics = _language_metrics()
+        self.val_metrics = _language_metrics()
         if teacher is not None:
-            eval_metrics += [
-                TeacherDivergenceLoss(divergence, temperature, resolved_kwargs),
-                TeacherTop1Agreement(),
-            ]
-        super().__init__(model=student,
-                         tokenizer=tokenizer,
-                         use_logits=True,
-                         shift_labels=True,
-                         metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
-                         eval_metrics=eval_metrics)
+            self.val_metrics['TeacherDivergenceLoss'] = TeacherDivergenceLoss(divergence, temperature, resolved_kwargs)
+            self.val_metrics['TeacherTop1Agreement'] = TeacherTop1Agreement()
         self.teacher = teacher
         self.vocab_size = vocab_size
         self.alpha = float(alpha)
@@ -114,7 +113,12 @@ class DistillationModel(HuggingFaceModel):
             labels[batch['attention_mask'] == 0] = -100
         return labels
 
-    def loss(self, outputs: Mapping[str, Optional[torch.Tensor]], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict[str, Optional[torch.Tensor]], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
+
+        The loss takes its gradient during this call, so the teacher's ``(B, T, V)`` logits — the largest
+        tensor of the step — are no longer needed, and Composer would otherwise hold them through backward.
+        """
         losses = distillation_loss(self._cut(outputs['logits']),
                                    self._cut(outputs['teacher_logits']),
                                    self._labels(batch),
@@ -122,6 +126,7 @@ class DistillationModel(HuggingFaceModel):
                                    temperature=self.temperature,
                                    divergence=self.divergence,
                                    **self.divergence_kwargs)
+        outputs['teacher_logits'] = None
         # Composer backpropagates 'total' and logs every key as loss/train/<key>.
         return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
 
@@ -137,7 +142,7 @@ class DistillationModel(HuggingFaceModel):
         if isinstance(metric, (TeacherDivergenceLoss, TeacherTop1Agreement)):
             metric.update(student_logits, self._cut(outputs['teacher_logits']), targets)
         else:
-            metric.update(student_logits.contiguous(), targets)  # Composer's LM metrics use .view()
+            metric.update(student_logits, targets)
 
     # -- checkpoints: the student only ---------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:

@@ -9,7 +9,7 @@ from composer import algorithms, callbacks, loggers, optim
 from composer_kd.errors import ConfigError
 from composer_kd.scheduled_gc import ScheduledGarbageCollector
 
-__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'ALGORITHMS', 'CALLBACKS', 'LOGGERS', 'construct']
+__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'ALGORITHMS', 'CALLBACKS', 'LOGGERS', 'check_kwargs', 'construct']
 
 OPTIMIZERS: dict[str, Callable[..., Any]] = {
     'decoupled_adamw': optim.DecoupledAdamW,
@@ -52,9 +52,22 @@ LOGGERS: dict[str, Callable[..., Any]] = {
 }
 
 
+def check_kwargs(section: str, table: Mapping[str, Callable[..., Any]], name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuses an unknown registered ``name`` or a keyword its class does not take, naming both."""
+    if name not in table:
+        raise ConfigError(f'{section}: unknown name {name!r}; known: {sorted(table)}')
+    params = inspect.signature(table[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs or {}) - set(params))
+    if unknown:
+        allowed = sorted(k for k in params if k not in ('self', 'params'))
+        raise ConfigError(f'{section}.{name}: unknown key {unknown[0]!r}; allowed: {allowed}')
+
+
 def construct(section: str, table: Mapping[str, Callable[..., Any]], name: str, kwargs: Mapping[str, Any],
               *args: Any) -> Any:
-    """Builds ``table[name](*args, **kwargs)``; unknown names and keys become a ``ConfigError`` naming them.
+    """Builds ``table[name](*args, **kwargs)``, turning a constructor's complaint into a ``ConfigError``.
 
     Args:
         section (str): the config section, used in messages (e.g. ``callbacks``).
@@ -63,17 +76,8 @@ def construct(section: str, table: Mapping[str, Callable[..., Any]], name: str, 
         kwargs (Mapping): the keyword arguments from the config.
         *args: leading positional arguments supplied by the builder (e.g. optimizer params).
     """
-    if name not in table:
-        raise ConfigError(f'{section}: unknown name {name!r}; known: {sorted(table)}')
-    cls = table[name]
-    kwargs = dict(kwargs or {})
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            raise ConfigError(f'{section}.{name}: unknown key {unknown[0]!r}; '
-                              f'allowed: {sorted(k for k in params if k not in ("self", "params"))}')
+    check_kwargs(section, table, name, kwargs)
     try:
-        return cls(*args, **kwargs)
+        return table[name](*args, **dict(kwargs or {}))
     except (ValueError, TypeError, ImportError) as e:
         raise ConfigError(f'{section}.{name}: {e}'.splitlines()[0]) from e

@@ -8,6 +8,7 @@ checkout with no model hub and no dataset download can run a distillation end to
 import os
 import shutil
 import sysconfig
+import tempfile
 from typing import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -63,20 +64,38 @@ def save_gpt2(out_dir: str, vocab_size: int, n_layer: int, n_embd: int, n_head: 
     return model
 
 
+_PARTS = ('tokenizer/tokenizer.json', 'teacher/config.json', 'student/config.json', 'data/train/index.json',
+          'data/val/index.json')
+
+
 def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) -> str:
     """Writes ``tokenizer/``, ``teacher/``, ``student/`` and ``data/{train,val}`` under ``out``.
 
-    The teacher's embeddings are padded to a multiple of 64 rows, like real checkpoints, so the recipe also
-    exercises the vocabulary reconciliation.
+    A complete ``out`` is kept as it is (so the command can be rerun); an incomplete one is refused unless
+    ``overwrite``. The teacher's embeddings are padded to a multiple of 64 rows, like real checkpoints, so the
+    recipe also exercises the vocabulary reconciliation.
     """
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if all(os.path.isfile(os.path.join(out, part)) for part in _PARTS):
+            print(f'{out}: tiny assets already complete (pass --overwrite to rebuild)')
+            return out
+        raise ConfigError(f'--out: {out} is not empty and not a complete set of tiny assets '
+                          '(pass --overwrite to replace it)')
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
+    try:
+        files = stdlib_files(limit=60)
+        tokenizer = train_bpe_tokenizer(files, vocab_size=1024, out_dir=os.path.join(staging, 'tokenizer'))
+        vocab = len(tokenizer)
+        save_gpt2(os.path.join(staging, 'teacher'), -(-vocab // 64) * 64, 2, 64, 4, max_seq_len, seed=1)
+        save_gpt2(os.path.join(staging, 'student'), vocab, 1, 32, 2, max_seq_len, seed=2)
+        prepare_data(files, os.path.join(staging, 'tokenizer'), os.path.join(staging, 'data'), max_seq_len,
+                     val_fraction=0.1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
         shutil.rmtree(out)
-    files = stdlib_files(limit=60)
-    tokenizer = train_bpe_tokenizer(files, vocab_size=1024, out_dir=os.path.join(out, 'tokenizer'))
-    vocab = len(tokenizer)
-    save_gpt2(os.path.join(out, 'teacher'), -(-vocab // 64) * 64, 2, 64, 4, max_seq_len, seed=1)
-    save_gpt2(os.path.join(out, 'student'), vocab, 1, 32, 2, max_seq_len, seed=2)
-    prepare_data(files, os.path.join(out, 'tokenizer'), os.path.join(out, 'data'), max_seq_len, val_fraction=0.1)
+    os.rename(staging, out)
     return out

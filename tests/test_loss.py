@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from composer_kd import distillation_loss
+from composer_kd import chunked_loss, distillation_loss
 from composer_kd.divergences import DIVERGENCES
 
 DIVERGENCE_CASES = [
@@ -79,6 +79,14 @@ def _batch(seed: int = 0, B: int = 3, T: int = 7, V: int = 11) -> tuple[torch.Te
     return student, teacher, labels
 
 
+@pytest.fixture(params=['ranges', 'gathered'], autouse=True)
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs every test with both row walks of the chunked loss: contiguous ranges (padding rows skipped inside
+    them) and gathered scored rows."""
+    monkeypatch.setattr(chunked_loss, '_DENSE_FRACTION', 0.0 if request.param == 'ranges' else 2.0)
+    return request.param
+
+
 @pytest.mark.parametrize('divergence,kwargs', DIVERGENCE_CASES)
 @pytest.mark.parametrize('alpha,temperature', [(0.5, 1.0), (0.0, 2.5), (1.0, 0.7), (0.3, 4.0)])
 def test_matches_reference(divergence: str, kwargs: dict, alpha: float, temperature: float) -> None:
@@ -144,16 +152,48 @@ def test_alpha_one_needs_no_teacher() -> None:
                                                  rel=1e-6)
 
 
-@pytest.mark.parametrize('divergence', sorted(DIVERGENCES))
-def test_float64_gradients_match_finite_differences(divergence: str) -> None:
-    student, teacher, labels = (x.double() if x.is_floating_point() else x for x in _batch(B=2, T=4, V=5))
+@pytest.mark.parametrize('divergence,kwargs', DIVERGENCE_CASES)
+@pytest.mark.parametrize('temperature', [1.0, 1.7])
+def test_gradient_matches_finite_differences(divergence: str, kwargs: dict, temperature: float) -> None:
+    # Directional derivatives in float64: (L(x + e·v) − L(x − e·v)) / 2e against <grad L, v>.
+    student, teacher, labels = (x.double() if x.is_floating_point() else x for x in _batch())
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(s, teacher, labels, alpha=0.3, temperature=temperature, divergence=divergence,
+                                 chunk_elements=25, **kwargs)['total']  # 2 rows a chunk: many chunks
+
+    leaf = student.clone().requires_grad_(True)
+    out = loss(leaf)
+    assert out.dtype == torch.float64
+    (out * 3.0).backward()  # a scaled loss, as Composer scales microbatch losses
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        v = torch.randn(student.shape, generator=g, dtype=torch.float64)
+        eps = 1e-6
+        numeric = (loss(student + eps * v) - loss(student - eps * v)).item() / (2 * eps)
+        assert 3.0 * numeric == pytest.approx((leaf.grad * v).sum().item(), rel=1e-6, abs=1e-9)
+
+
+def test_backward_runs_once() -> None:
+    student, teacher, labels = _batch()
     student.requires_grad_(True)
+    out = distillation_loss(student, teacher, labels)['total']
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='call backward on it only once'):
+        out.backward()
 
-    def fn(s: torch.Tensor) -> torch.Tensor:
-        return distillation_loss(s, teacher, labels, alpha=0.3, temperature=1.7, divergence=divergence)['total']
 
-    assert fn(student).dtype == torch.float64
-    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-5)
+def test_chunking_does_not_change_values_or_gradients() -> None:
+    student, teacher, labels = _batch()
+    results = []
+    for chunk_elements in (11, 50, 10**6):
+        leaf = student.clone().requires_grad_(True)
+        out = distillation_loss(leaf, teacher, labels, alpha=0.4, temperature=2.0, chunk_elements=chunk_elements)
+        out['total'].backward()
+        results.append((out['total'].item(), leaf.grad))
+    for value, grad in results[1:]:
+        assert value == pytest.approx(results[0][0], rel=1e-6)
+        assert torch.allclose(grad, results[0][1], atol=1e-7)
 
 
 @pytest.mark.parametrize('divergence', sorted(set(DIVERGENCES) - {'reverse_kl'}))

@@ -1,0 +1,138 @@
+"""Checks of a run config that need no model, data or process group, so a bad value fails in a second —
+before anything is loaded or written — and recipes for GPU clusters can be validated on a laptop."""
+
+from dataclasses import fields
+from typing import Any, Callable, Mapping
+
+from composer.utils import FSDP2Config, FSDPConfig
+
+from composer_kd.errors import ConfigError
+from composer_kd.loss import check_distillation_args
+from composer_kd.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
+
+__all__ = ['BatchSizes', 'check_run_config', 'eval_metric_names', 'METRIC_DIRECTIONS']
+
+# The better direction of each metric the model reports. Composer's EarlyStopper guesses from the name and gets
+# LanguageCrossEntropy wrong (it would treat a rising CE as an improvement), so the builder fills in `comp`.
+METRIC_DIRECTIONS = {
+    'LanguageCrossEntropy': 'lt',
+    'LanguagePerplexity': 'lt',
+    'TeacherDivergenceLoss': 'lt',
+    'TeacherTop1Agreement': 'gt',
+}
+_TRAIN_METRICS = ['LanguageCrossEntropy', 'LanguagePerplexity']
+_PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16', 'amp_fp8')
+_FSDP_KEYS = frozenset(f.name for f in fields(FSDPConfig) if not f.name.startswith('_')) | FSDP2Config.settable_attrs()
+
+BatchSizes = tuple[int, int | str, int]  # device train batch, device microbatch (int or 'auto'), device eval batch
+
+
+def eval_metric_names(cfg: Mapping[str, Any]) -> list[str]:
+    """Names of the eval metrics a ``DistillationModel`` built from ``cfg['model']`` reports."""
+    names = list(_TRAIN_METRICS)
+    if cfg['model'].get('teacher') is not None:
+        names += ['TeacherDivergenceLoss', 'TeacherTop1Agreement']
+    return names
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str, default: Any = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f'{key} must be a positive integer, got {value!r}')
+    return value
+
+
+def _batch_sizes(cfg: Mapping[str, Any], world_size: int, gpu: bool) -> BatchSizes:
+    """LLM Foundry's batch arithmetic, refusing splits that do not divide."""
+    global_batch = _positive_int(cfg, 'global_train_batch_size')
+    if global_batch % world_size:
+        raise ConfigError(f'global_train_batch_size={global_batch} is not divisible by the {world_size} processes')
+    device_batch = global_batch // world_size
+    microbatch: int | str
+    if cfg.get('device_train_microbatch_size') == 'auto':
+        if not gpu:
+            raise ConfigError("device_train_microbatch_size='auto' needs a GPU; give an integer on CPU")
+        microbatch = 'auto'
+    else:
+        microbatch = _positive_int(cfg, 'device_train_microbatch_size', device_batch)
+        if device_batch % microbatch:
+            raise ConfigError(f'device_train_microbatch_size={microbatch} does not divide the device batch of '
+                              f'{device_batch} (global_train_batch_size={global_batch} / {world_size} processes)')
+    default_eval = microbatch if isinstance(microbatch, int) else device_batch
+    return device_batch, microbatch, _positive_int(cfg, 'device_eval_batch_size', default_eval)
+
+
+def _check_fsdp(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None) -> None:
+    fsdp_config = cfg.get('fsdp_config')
+    if fsdp_config is None:
+        return
+    unknown = sorted(set(fsdp_config) - _FSDP_KEYS)
+    if unknown:  # Composer's FSDPConfig would set any attribute without complaint
+        raise ConfigError(f'unknown key fsdp_config.{unknown[0]}; allowed: {sorted(_FSDP_KEYS)}')
+    if world_size > 1 and not gpu and fsdp_version != '2':
+        raise ConfigError('fsdp_config: FSDP1 needs CUDA; on CPU set FSDP_VERSION=2 in the environment (FSDP2 runs '
+                          'on CPU with gloo) or remove fsdp_config to use DDP')
+
+
+def _check_callbacks(cfg: Mapping[str, Any]) -> None:
+    for name, kwargs in (cfg.get('callbacks') or {}).items():
+        kwargs = kwargs or {}
+        check_kwargs('callbacks', CALLBACKS, name, kwargs)
+        if name not in ('early_stopper', 'threshold_stopper'):
+            continue
+        label = kwargs.get('dataloader_label', 'eval')
+        if label not in ('train', 'eval'):
+            raise ConfigError(f"callbacks.{name}.dataloader_label={label!r}: use 'eval' or 'train'")
+        if label == 'eval' and cfg.get('eval_loader') is None:
+            raise ConfigError(f"callbacks.{name}.dataloader_label='eval' needs an eval_loader")
+        names = eval_metric_names(cfg) if label == 'eval' else _TRAIN_METRICS
+        if kwargs.get('monitor') not in names:
+            raise ConfigError(f'callbacks.{name}.monitor={kwargs.get("monitor")!r} is not a metric of this run; '
+                              f'choose one of {names}')
+
+
+def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None = None) -> BatchSizes:
+    """Checks every value that can be checked without loading anything; returns the device batch sizes.
+
+    Args:
+        cfg (Mapping): a config from ``composer_kd.config.load_config`` (structure already validated).
+        world_size (int): number of processes of the run.
+        gpu (bool): whether the run has CUDA devices.
+        fsdp_version (str, optional): the ``FSDP_VERSION`` environment variable of the run.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    precision = cfg.get('precision', 'amp_bf16' if gpu else 'fp32')
+    if precision not in _PRECISIONS:
+        raise ConfigError(f'precision={precision!r}: use one of {list(_PRECISIONS)}')
+    if not gpu and precision != 'fp32':
+        raise ConfigError(f'precision={precision!r} needs a GPU; this machine has none, use precision: fp32')
+    if cfg.get('autoresume') and not cfg.get('run_name'):
+        raise ConfigError('autoresume: true needs a run_name (it names the run whose checkpoints are resumed)')
+    sizes = _batch_sizes(cfg, world_size, gpu)
+    _check_fsdp(cfg, world_size, gpu, fsdp_version)
+
+    distillation = dict(cfg['model'].get('distillation') or {})
+    alpha = distillation.pop('alpha', 1.0 if cfg['model'].get('teacher') is None else 0.5)
+    try:
+        check_distillation_args(alpha, distillation.pop('temperature', 1.0),
+                                distillation.pop('divergence', 'forward_kl'), distillation)
+    except ValueError as e:
+        raise ConfigError(f'model.distillation.{e}') from e
+    if cfg['model'].get('teacher') is None and alpha != 1.0:
+        raise ConfigError(f'model.distillation.alpha is {alpha!r} but there is no model.teacher; training without a '
+                          'teacher needs alpha: 1')
+
+    for section, table in (('optimizer', OPTIMIZERS), ('scheduler', SCHEDULERS)):
+        if cfg.get(section) is not None:
+            kwargs = {k: v for k, v in cfg[section].items() if k != 'name'}
+            check_kwargs(section, table, cfg[section]['name'], kwargs)
+    for section, table in (('algorithms', ALGORITHMS), ('loggers', LOGGERS)):
+        for name, kwargs in (cfg.get(section) or {}).items():
+            check_kwargs(section, table, name, kwargs or {})
+    _check_callbacks(cfg)
+    for loader in ('train_loader', 'eval_loader'):
+        if cfg.get(loader) is not None and cfg[loader].get('name', 'text') not in ('text', 'tokens'):
+            raise ConfigError(f"{loader}.name={cfg[loader]['name']!r}: only MDS token data ('text') is supported")
+    return sizes

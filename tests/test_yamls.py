@@ -1,0 +1,38 @@
+"""Every recipe under ``yamls/`` parses and passes every check that needs no model, data or GPU."""
+
+from pathlib import Path
+
+import pytest
+from composer.utils import FSDPConfig
+
+from composer_kd.checks import check_run_config
+from composer_kd.config import load_config
+from composer_kd.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
+
+
+def test_there_are_cpu_and_gpu_recipes() -> None:
+    precisions = {load_config(str(p)).get('precision', 'amp_bf16') for p in RECIPES}
+    assert 'fp32' in precisions and 'amp_bf16' in precisions
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=lambda p: p.name)
+def test_recipe_is_valid(recipe: Path) -> None:
+    cfg = load_config(str(recipe))
+    if cfg.get('precision', 'amp_bf16') == 'fp32':  # a CPU recipe: one process and the launcher's two
+        for world_size in (1, 2):
+            check_run_config(cfg, world_size=world_size, gpu=False, fsdp_version='2')
+    else:  # a GPU recipe, as launched on one node of 8 GPUs
+        check_run_config(cfg, world_size=8, gpu=True)
+        with pytest.raises(ConfigError, match='needs a GPU'):
+            check_run_config(cfg, world_size=8, gpu=False)
+    if cfg.get('fsdp_config'):
+        FSDPConfig(**cfg['fsdp_config'])
+
+
+def test_fsdp_config_typos_are_refused() -> None:
+    gpu_recipe = next(p for p in RECIPES if 'llama3' in p.name)
+    cfg = load_config(str(gpu_recipe), ['fsdp_config.sharding_stratgy=FULL_SHARD'])
+    with pytest.raises(ConfigError, match='unknown key fsdp_config.sharding_stratgy'):
+        check_run_config(cfg, world_size=8, gpu=True)
