@@ -44,8 +44,9 @@ def _generic_rows(student: torch.Tensor, teacher: Optional[torch.Tensor], target
     return ce, divergence_fn(log_p, log_q_t, **params)
 
 
-def _closed_form_rows(student: torch.Tensor, teacher: Optional[torch.Tensor], targets: torch.Tensor, alpha: float,
-                      temperature: float, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _closed_form_rows(
+        student: torch.Tensor, teacher: Optional[torch.Tensor], targets: torch.Tensor, alpha: float, temperature: float,
+        needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Forward KL (or CE alone, without a teacher) per row ``(C,)``, with the gradient written out.
 
     With z, t the student and teacher logits, q = softmax(z), q_T = softmax(z/T) and p = softmax(t/T):

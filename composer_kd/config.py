@@ -19,8 +19,9 @@ REQUIRED_KEYS = ('model', 'tokenizer', 'train_loader', 'optimizer', 'max_duratio
 
 TOP_LEVEL_KEYS = frozenset(REQUIRED_KEYS) | {
     'variables', 'run_name', 'seed', 'max_seq_len', 'eval_loader', 'scheduler', 'algorithms', 'callbacks', 'loggers',
-    'eval_interval', 'eval_first', 'eval_subset_num_batches', 'train_subset_num_batches', 'device_train_microbatch_size',
-    'device_eval_batch_size', 'accumulate_train_batch_on_tokens', 'precision', 'fsdp_config', 'save_folder',
+    'eval_interval', 'eval_first', 'eval_subset_num_batches', 'train_subset_num_batches',
+    'device_train_microbatch_size', 'device_eval_batch_size', 'accumulate_train_batch_on_tokens', 'precision',
+    'fsdp_config', 'save_folder',
     'save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite', 'save_filename', 'save_latest_filename',
     'save_weights_only', 'load_path', 'load_weights_only', 'load_strict_model_weights', 'autoresume', 'progress_bar',
     'log_to_console', 'console_log_interval', 'python_log_level', 'dist_timeout'

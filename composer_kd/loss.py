@@ -91,7 +91,7 @@ def distillation_loss(
         ignore_index (int): label value excluded from both terms. Default: ``-100``.
         shift_labels (bool): score the logits at t against ``labels[:, t+1]`` (causal LM). Default: ``True``.
         chunk_elements (int, optional): rows × V evaluated at a time; bounds the float32 working memory.
-            Default: 2**20 on CPU, 2**24 on CUDA.
+            Default: 2**18 on CPU, 2**24 on CUDA.
         **divergence_kwargs: ``beta`` for ``jsd``, ``lam`` for the skew divergences.
 
     Returns:

@@ -8,8 +8,6 @@ split of a document is decided by a hash of its name, so it is stable when files
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,6 +16,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from composer_kd.errors import ConfigError
+from composer_kd.staging import staged_folder
 
 __all__ = ['prepare_data', 'find_documents', 'split_of']
 
@@ -126,19 +125,8 @@ def prepare_data(inputs: Sequence[str],
     tok = _load_tokenizer(tokenizer)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
-    # Write next to `out` and move into place at the end: a failed or interrupted run leaves no partial dataset.
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
-    try:
-        summary = _write_splits(documents, tok, staging, max_seq_len, val_fraction, text_key)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.rename(staging, out)
-    return summary
+    with staged_folder(out) as staging:
+        return _write_splits(documents, tok, staging, max_seq_len, val_fraction, text_key)
 
 
 def _write_splits(documents: Sequence[tuple[str, str]], tok: PreTrainedTokenizerBase, out: str, max_seq_len: int,

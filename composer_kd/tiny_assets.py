@@ -6,9 +6,7 @@ checkout with no model hub and no dataset download can run a distillation end to
 """
 
 import os
-import shutil
 import sysconfig
-import tempfile
 from typing import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from composer_kd.errors import ConfigError
 from composer_kd.prepare_data import prepare_data
+from composer_kd.staging import staged_folder
 
 __all__ = ['train_bpe_tokenizer', 'save_gpt2', 'stdlib_files', 'make_tiny_assets']
 
@@ -81,10 +80,7 @@ def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) 
             return out
         raise ConfigError(f'--out: {out} is not empty and not a complete set of tiny assets '
                           '(pass --overwrite to replace it)')
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
-    try:
+    with staged_folder(out) as staging:
         files = stdlib_files(limit=60)
         tokenizer = train_bpe_tokenizer(files, vocab_size=1024, out_dir=os.path.join(staging, 'tokenizer'))
         vocab = len(tokenizer)
@@ -92,10 +88,4 @@ def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) 
         save_gpt2(os.path.join(staging, 'student'), vocab, 1, 32, 2, max_seq_len, seed=2)
         prepare_data(files, os.path.join(staging, 'tokenizer'), os.path.join(staging, 'data'), max_seq_len,
                      val_fraction=0.1)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.rename(staging, out)
     return out

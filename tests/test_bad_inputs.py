@@ -60,7 +60,8 @@ def test_missing_model_folders(capsys, tmp_path, write_config) -> None:
 
 def test_missing_or_empty_data(capsys, tmp_path, write_config) -> None:
     config = write_config()
-    _fails(capsys, tmp_path, config, f'train_loader.dataset.local={tmp_path}/none', match='train_loader: no MDS dataset')
+    _fails(capsys, tmp_path, config, f'train_loader.dataset.local={tmp_path}/none',
+           match='train_loader: no MDS dataset')
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
     _fails(capsys, tmp_path, config, f'train_loader.dataset.local={tmp_path}/empty', match='missing')
 

@@ -71,3 +71,19 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path) -> None:
         assert 'no such file or folder' in str(e)
     else:
         raise AssertionError('export of a missing checkpoint did not fail')
+
+
+def test_monolithic_autoresume_restores_student_optimizer_and_progress(write_config) -> None:
+    config = str(write_config(save_interval='2ba', eval_loader=None, autoresume=True))
+    first = train(load_config(config, ['max_duration=2ba']))
+    saved_student = {k: v.clone() for k, v in first.state.model.model.state_dict().items()}
+    saved_moments = first.state.optimizers[0].state_dict()['state']
+
+    resumed = build_trainer(load_config(config, ['max_duration=4ba']))  # same run_name: picks up latest-rank0.pt
+    assert resumed.state.timestamp.batch.value == 2
+    assert all(torch.equal(resumed.state.model.model.state_dict()[k], v) for k, v in saved_student.items())
+    moments = resumed.state.optimizers[0].state_dict()['state']
+    assert moments.keys() == saved_moments.keys()
+    assert all(torch.equal(moments[i]['exp_avg'], saved_moments[i]['exp_avg']) for i in moments)
+    resumed.fit()
+    assert resumed.state.timestamp.batch.value == 4
