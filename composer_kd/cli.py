@@ -44,10 +44,27 @@ def _make_tiny_assets(args: argparse.Namespace) -> None:
     make_tiny_assets(args.out, overwrite=args.overwrite)
 
 
+def _quickstart(args: argparse.Namespace) -> None:
+    from composer_kd.quickstart import run_quickstart
+    run_quickstart(args.out, fast=args.fast, corpus=args.corpus, seed=args.seed, alpha=args.alpha,
+                   temperature=args.temperature, divergence=args.divergence)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='composer-kd', description='Knowledge distillation for language models on '
                                      'MosaicML Composer.')
     commands = parser.add_subparsers(dest='command', required=True)
+
+    p = commands.add_parser('quickstart', help='make a corpus, tokenizer, data and teacher from this machine, distill '
+                            'a student, compare it with label-only baselines and report (offline)')
+    p.add_argument('--out', default='quickstart-out', help='output folder; a rerun skips complete stages')
+    p.add_argument('--fast', action='store_true', help='small sizes, under 2 minutes (same code path)')
+    p.add_argument('--corpus', default=None, help='folder of .py files to use instead of the standard library')
+    p.add_argument('--seed', type=int, default=17, help='seed of the student runs (default 17)')
+    p.add_argument('--alpha', type=float, default=0.1, help='weight of CE in the distillation run (default 0.1)')
+    p.add_argument('--temperature', type=float, default=1.0, help='distillation temperature (default 1.0)')
+    p.add_argument('--divergence', default='forward_kl', help='distillation divergence (default forward_kl)')
+    p.set_defaults(run=_quickstart)
 
     p = commands.add_parser('train', help='train from a YAML run config (launch many processes with `composer -n N '
                             '-m composer_kd train ...`)')

@@ -116,6 +116,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
                        seed=seed,
                        **trainer_kwargs)
     except ValueError as e:
+        if isinstance(e, OSError):  # io.UnsupportedOperation is both; it is no user error
+            raise
         raise ConfigError(str(e).splitlines()[0]) from e
 
 

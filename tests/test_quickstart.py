@@ -1,0 +1,89 @@
+"""``composer-kd quickstart --fast``: every stage, the report, reruns that skip, and its bad inputs.
+
+``capfd`` rather than ``capsys``: Composer's progress bars need a real file descriptor behind stdout."""
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from composer_kd import quickstart
+from composer_kd.cli import main
+
+
+@pytest.fixture(scope='module')
+def fast_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp('qs') / 'out'
+    assert main(['quickstart', '--fast', '--out', str(out)]) == 0
+    return out
+
+
+def test_fast_quickstart_reports_every_model(fast_run: Path) -> None:
+    results = json.loads((fast_run / 'results.json').read_text())
+    assert set(results['models']) == {'teacher', 'baseline', 'baseline_equal_time', 'distilled'}
+    for name, model in results['models'].items():
+        assert model['eval_ce'] > 0 and model['tokens_per_s'] > 0 and model['wall_s'] > 0
+        assert (model['top1_agreement'] is None) == (name == 'teacher')
+    assert results['models']['baseline']['steps'] == results['models']['distilled']['steps']
+    ce = {k: m['eval_ce'] for k, m in results['models'].items()}
+    gap = (ce['baseline'] - ce['distilled']) / (ce['baseline'] - ce['teacher'])
+    assert results['gap_closed']['vs_baseline'] == pytest.approx(gap)
+    assert (fast_run / 'eval_curves.png').stat().st_size > 1000
+    AutoModelForCausalLM.from_pretrained(results['distilled_student'])
+
+
+def test_rerun_skips_complete_stages(capfd, fast_run: Path) -> None:
+    before = json.loads((fast_run / 'results.json').read_text())
+    assert main(['quickstart', '--fast', '--out', str(fast_run)]) == 0
+    out = capfd.readouterr().out
+    for stage in quickstart.STAGES:
+        assert f'[{stage}] complete from an earlier run, skipped' in out
+    after = json.loads((fast_run / 'results.json').read_text())
+    assert after['models'] == before['models']
+
+
+def test_interrupted_stage_restarts_and_complete_stages_stay(capfd, tmp_path: Path, fast_run: Path) -> None:
+    out = tmp_path / 'out'
+    shutil.copytree(fast_run, out, symlinks=True)
+    shutil.rmtree(out / 'baseline_equal_time')
+    (out / '.baseline_equal_time.partial-x1y2').mkdir()  # what a killed run leaves behind
+    teacher_marker = (out / 'teacher' / 'done.json').stat().st_mtime_ns
+    assert main(['quickstart', '--fast', '--out', str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert 'removing the interrupted stage .baseline_equal_time.partial-x1y2' in printed
+    assert '[baseline_equal_time] ...' in printed and (out / 'baseline_equal_time' / 'done.json').is_file()
+    assert (out / 'teacher' / 'done.json').stat().st_mtime_ns == teacher_marker
+
+
+def _fails(capfd: pytest.CaptureFixture, args: list[str], match: str) -> None:
+    assert main(['quickstart', '--fast', *args]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+def test_bad_inputs(capfd, tmp_path: Path, fast_run: Path) -> None:
+    (tmp_path / 'a-file').write_text('x')
+    _fails(capfd, ['--out', str(tmp_path / 'a-file' / 'out')], 'cannot write to')
+    (tmp_path / 'busy').mkdir()
+    (tmp_path / 'busy' / 'thesis.tex').write_text('x')
+    _fails(capfd, ['--out', str(tmp_path / 'busy')], "holds 'thesis.tex', which is not from a quickstart run")
+    _fails(capfd, ['--out', str(tmp_path / 'new'), '--corpus', str(tmp_path / 'nowhere')],
+           'point --corpus at a folder')
+    _fails(capfd, ['--out', str(fast_run), '--seed', '3'], 'holds a quickstart run with other settings')
+
+
+def test_disk_full_keeps_complete_stages(capfd, monkeypatch, tmp_path: Path, fast_run: Path) -> None:
+    out = tmp_path / 'out'
+    shutil.copytree(fast_run, out, symlinks=True)
+    shutil.rmtree(out / 'data')
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(quickstart, 'prepare_data', full)  # the disk, not the code, is what fails here
+    _fails(capfd, ['--out', str(out)], '[data] no space left on the device')
+    assert (out / 'tokenizer' / 'done.json').is_file() and not (out / 'data').exists()
+    assert not list(out.glob('.data.partial-*'))
