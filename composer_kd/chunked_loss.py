@@ -106,17 +106,12 @@ class _HybridLoss(torch.autograd.Function):
                 grad.index_fill_(0, (~scored).nonzero().squeeze(1), 0.0)
         sums = torch.zeros(3, dtype=dtype, device=student_logits.device)
         for start in range(0, positions if dense else rows.numel(), chunk_rows):
-            if dense:
-                index = slice(start, start + chunk_rows)
-                valid = scored[index]
-                chunk_targets = targets[index]
-            else:
-                index = rows[start:start + chunk_rows]
-                valid = None
-                chunk_targets = targets.index_select(0, index)
-            take = (lambda flat: flat[index]) if dense else (lambda flat: flat.index_select(0, index))
-            student = take(flat_student).detach().to(dtype)
-            teacher = take(flat_teacher).to(dtype) if flat_teacher is not None else None
+            # A range of positions (a view; padding rows masked by `valid`), or a gather of scored rows.
+            index = slice(start, start + chunk_rows) if dense else rows[start:start + chunk_rows]
+            valid = scored[index] if dense else None
+            chunk_targets = targets[index]
+            student = flat_student[index].detach().to(dtype)
+            teacher = flat_teacher[index].to(dtype) if flat_teacher is not None else None
             if closed_form:
                 ce, kd, chunk_grad = _closed_form_rows(student, teacher, chunk_targets, alpha, temperature, needs_grad)
             else:
@@ -133,11 +128,9 @@ class _HybridLoss(torch.autograd.Function):
             ce_sum, kd_sum = ce.sum(), kd.sum()
             sums += torch.stack([alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum, ce_sum, kd_sum])
             if needs_grad:
-                chunk_grad = chunk_grad.div_(n)
-                if dense:
-                    grad[index] = chunk_grad.masked_fill_(~valid[:, None], 0.0)
-                else:
-                    grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+                if valid is not None:
+                    chunk_grad.masked_fill_(~valid[:, None], 0.0)
+                grad[index] = chunk_grad.div_(n)
         ctx.grad, ctx.student_shape = grad, student_logits.shape
         total, ce, kd = (t.clone() for t in (sums / n).unbind())  # own storage, not views: callers scale in place
         ctx.mark_non_differentiable(ce, kd)

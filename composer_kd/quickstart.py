@@ -29,6 +29,7 @@ from composer_kd.config import load_config
 from composer_kd.errors import ConfigError
 from composer_kd.export import export_student
 from composer_kd.prepare_data import prepare_data, split_of
+from composer_kd.quickstart_report import write_report
 from composer_kd.staging import staged_folder
 from composer_kd.tiny_assets import train_bpe_tokenizer
 from composer_kd.train import train
@@ -38,7 +39,7 @@ __all__ = ['Sizes', 'DEFAULT', 'FAST', 'run_quickstart']
 RECIPES = Path(__file__).resolve().parents[1] / 'yamls' / 'quickstart'
 VAL_FRACTION = 0.05
 STAGES = ('corpus', 'tokenizer', 'data', 'teacher', 'distilled', 'baseline', 'baseline_equal_time')
-REPORT_FILES = ('results.json', 'eval_curves.png', 'settings.json')
+OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json')
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'turtledemo', 'tkinter', 'lib2to3', 'ensurepip',
                            '__pycache__'})
 
@@ -78,7 +79,7 @@ def _check_out(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f'--out: cannot write to {out}: {e.strerror}') from e
-    known = set(STAGES) | set(REPORT_FILES)
+    known = set(STAGES) | set(OWN_FILES)
     for entry in sorted(out.iterdir()):
         if '.partial-' in entry.name:  # a stage killed mid-way: it restarts from scratch
             print(f'removing the interrupted stage {entry.name}')
@@ -139,7 +140,6 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
                    seed: int = 17, alpha: float = 0.1, temperature: float = 1.0,
                    divergence: str = 'forward_kl') -> dict[str, Any]:
     """Runs (or resumes) every stage and the report; returns the results written to ``results.json``."""
-    from composer_kd.quickstart_report import write_report
     sizes = FAST if fast else DEFAULT
     source = corpus or sysconfig.get_paths().get('stdlib', '')
     if not source or not os.path.isdir(source):
