@@ -54,7 +54,8 @@ def _batch_sizes(cfg: Mapping[str, Any], world_size: int, gpu: bool) -> BatchSiz
             raise ConfigError("device_train_microbatch_size='auto' needs a GPU; give an integer on CPU")
         microbatch = 'auto'
     else:
-        microbatch = _positive_int(cfg, 'device_train_microbatch_size', device_batch)
+        # Like LLM Foundry, a microbatch larger than the device batch is the device batch.
+        microbatch = min(_positive_int(cfg, 'device_train_microbatch_size', device_batch), device_batch)
         if device_batch % microbatch:
             raise ConfigError(f'device_train_microbatch_size={microbatch} does not divide the device batch of '
                               f'{device_batch} (global_train_batch_size={global_batch} / {world_size} processes)')
