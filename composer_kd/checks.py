@@ -2,7 +2,7 @@
 before anything is loaded or written — and recipes for GPU clusters can be validated on a laptop."""
 
 from dataclasses import fields
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from composer.utils import FSDP2Config, FSDPConfig
 

@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import numpy as np
-import pytest
 import torch
 from streaming import StreamingDataset
 
