@@ -10,7 +10,7 @@ from composer_kd.errors import ConfigError
 from composer_kd.loss import check_distillation_args
 from composer_kd.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
-__all__ = ['BatchSizes', 'check_run_config', 'eval_metric_names', 'METRIC_DIRECTIONS']
+__all__ = ['BatchSizes', 'check_run_config', 'run_precision', 'eval_metric_names', 'METRIC_DIRECTIONS']
 
 # The better direction of each metric the model reports. Composer's EarlyStopper guesses from the name and gets
 # LanguageCrossEntropy wrong (it would treat a rising CE as an improvement), so the builder fills in `comp`.
@@ -92,6 +92,11 @@ def _check_callbacks(cfg: Mapping[str, Any]) -> None:
                               f'choose one of {names}')
 
 
+def run_precision(cfg: Mapping[str, Any], gpu: bool) -> str:
+    """The run's precision: as configured, else LLM Foundry's ``amp_bf16`` on GPU and ``fp32`` on CPU."""
+    return cfg.get('precision', 'amp_bf16' if gpu else 'fp32')
+
+
 def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None = None) -> BatchSizes:
     """Checks every value that can be checked without loading anything; returns the device batch sizes.
 
@@ -104,7 +109,7 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     Raises:
         ConfigError: naming the key and the value.
     """
-    precision = cfg.get('precision', 'amp_bf16' if gpu else 'fp32')
+    precision = run_precision(cfg, gpu)
     if precision not in _PRECISIONS:
         raise ConfigError(f'precision={precision!r}: use one of {list(_PRECISIONS)}')
     if not gpu and precision != 'fp32':

@@ -14,7 +14,9 @@ from composer.core import DataSpec
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
-__all__ = ['TokenDataset', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader']
+__all__ = [
+    'TokenDataset', 'batch_labels', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader'
+]
 
 TOKENS_COLUMN = 'tokens'
 
@@ -54,8 +56,19 @@ def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: 
         ids = sample['input_ids']
         input_ids[row, :len(ids)] = ids
         attention_mask[row, :len(ids)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels}
+    batch = {'input_ids': input_ids, 'attention_mask': attention_mask}
+    return {**batch, 'labels': batch_labels(batch)}
+
+
+def batch_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``labels`` of a causal-LM batch: as given, else the input ids with -100 where ``attention_mask`` is 0.
+
+    The loss and the token counter both read labels through here, so they count the same tokens.
+    """
+    if batch.get('labels') is not None:
+        return batch['labels']
+    mask = batch.get('attention_mask')
+    return batch['input_ids'] if mask is None else batch['input_ids'].masked_fill(mask == 0, -100)
 
 
 def count_tokens(batch: Mapping[str, Any]) -> dict[str, int]:
@@ -67,10 +80,7 @@ def count_tokens(batch: Mapping[str, Any]) -> dict[str, int]:
     input_ids = batch['input_ids']
     mask = batch.get('attention_mask')
     total = int(mask.sum()) if mask is not None else input_ids.numel()
-    labels = batch.get('labels')
-    if labels is None:
-        labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-    return {'total': total, 'loss_generating': int((labels[:, 1:] != -100).sum())}
+    return {'total': total, 'loss_generating': int((batch_labels(batch)[:, 1:] != -100).sum())}
 
 
 def token_data_spec(dataloader: DataLoader | Any) -> DataSpec:

@@ -7,6 +7,7 @@ from composer.models import HuggingFaceModel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from composer_kd.data import batch_labels
 from composer_kd.fsdp import prepare_for_fsdp
 from composer_kd.loss import check_distillation_args, distillation_loss
 from composer_kd.metrics import (ChunkedLanguageCrossEntropy, ChunkedLanguagePerplexity, TeacherDivergenceLoss,
@@ -104,15 +105,6 @@ class DistillationModel(HuggingFaceModel):
                 teacher_logits = self.teacher(**inputs).logits
         return {'logits': student_logits, 'teacher_logits': teacher_logits}
 
-    @staticmethod
-    def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
-        if 'labels' in batch:
-            return batch['labels']
-        labels = batch['input_ids'].clone()
-        if batch.get('attention_mask') is not None:
-            labels[batch['attention_mask'] == 0] = -100
-        return labels
-
     def loss(self, outputs: dict[str, Optional[torch.Tensor]], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
 
@@ -121,7 +113,7 @@ class DistillationModel(HuggingFaceModel):
         """
         losses = distillation_loss(self._cut(outputs['logits']),
                                    self._cut(outputs['teacher_logits']),
-                                   self._labels(batch),
+                                   batch_labels(batch),
                                    alpha=self.alpha,
                                    temperature=self.temperature,
                                    divergence=self.divergence,
@@ -135,7 +127,7 @@ class DistillationModel(HuggingFaceModel):
         return outputs if outputs is not None else self.forward(batch)
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        labels = self._labels(batch)
+        labels = batch_labels(batch)
         # Targets aligned with the logits: position t is scored against labels[t+1]; the last is unscored.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         student_logits = self._cut(outputs['logits'])

@@ -10,7 +10,7 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, get_device, reproducibility
 
-from composer_kd.checks import METRIC_DIRECTIONS, check_run_config
+from composer_kd.checks import METRIC_DIRECTIONS, check_run_config, run_precision
 from composer_kd.data import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.hf_loading import build_distillation_model, build_tokenizer
@@ -109,7 +109,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
                        callbacks=callbacks,
                        loggers=loggers,
                        device=device,
-                       precision=cfg.get('precision', 'amp_bf16' if gpu else 'fp32'),
+                       precision=run_precision(cfg, gpu),
                        device_train_microbatch_size=microbatch,
                        accumulate_train_batch_on_tokens=cfg.get('accumulate_train_batch_on_tokens', True),
                        parallelism_config=parallelism_config,
