@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default='quickstart-out', help='output folder; a rerun skips complete stages')
     p.add_argument('--fast', action='store_true', help='small sizes, under 2 minutes (same code path)')
     p.add_argument('--corpus', default=None, help='folder of .py files to use instead of the standard library')
-    p.add_argument('--seed', type=int, default=17, help='seed of the student runs (default 17)')
+    p.add_argument('--seed', type=int, default=17,
+                   help='seed of the student runs (default 17; the teacher is always seeded 17)')
     p.add_argument('--alpha', type=float, default=0.1, help='weight of CE in the distillation run (default 0.1)')
     p.add_argument('--temperature', type=float, default=1.0, help='distillation temperature (default 1.0)')
     p.add_argument('--divergence', default='forward_kl', help='distillation divergence (default forward_kl)')

@@ -57,7 +57,7 @@ class Sizes:
     eval_interval: int
 
 
-DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 900, 300, 50)
+DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 900, 600, 100)
 FAST = Sizes(40, 512, 64, (2, 64, 2), (1, 32, 2), 40, 30, 10)
 
 

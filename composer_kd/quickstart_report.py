@@ -40,9 +40,11 @@ def _plot(out: Path, records: dict[str, Any], teacher_ce: float) -> None:
         curve = records[key]['eval_curve']
         if curve:
             ax.plot([b for b, _ in curve], [v for _, v in curve], marker='.', label=title)
-    ax.axhline(teacher_ce, color='gray', linestyle='--', linewidth=1, label='teacher (final)')
+    # The curves are the runs' own evals (eval_subset_num_batches of the recipes); the line is the report's.
+    ax.axhline(teacher_ce, color='gray', linestyle='--', linewidth=1,
+               label=f'teacher, final ({EVAL_SAMPLES} samples)')
     ax.set_xlabel('training batch')
-    ax.set_ylabel('eval cross-entropy (nats/token)')
+    ax.set_ylabel('eval CE in training, nats/token (recipe eval subset)')
     ax.set_title('composer-kd quickstart: held-out cross-entropy')
     ax.legend()
     fig.tight_layout()
