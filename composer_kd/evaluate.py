@@ -20,7 +20,8 @@ def evaluate_student(student_dir: str,
                      split: str = 'val',
                      batch_size: int = 32,
                      max_samples: Optional[int] = None) -> dict[str, float]:
-    """Evaluates a ``save_pretrained`` student on the first ``max_samples`` (default: all) samples of an MDS split.
+    """Evaluates a ``save_pretrained`` student on the first ``max_samples`` (default: all; rounded up to whole
+    batches of ``batch_size``) samples of an MDS split.
 
     Returns:
         dict[str, float]: ``LanguageCrossEntropy`` and ``LanguagePerplexity``, plus ``TeacherDivergenceLoss``

@@ -108,12 +108,12 @@ def _stage(out: Path, name: str, make: Callable[[Path], dict[str, Any]]) -> dict
     return record
 
 
-def _train_run(out: Path, folder: Path, recipe: str, sizes: Sizes, model: tuple[int, int, int], steps: int,
-               seed: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def _train_run(out: Path, folder: Path, recipe: str, sizes: Sizes, vocab_size: int, model: tuple[int, int, int],
+               steps: int, seed: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One ``composer-kd train`` run of a quickstart recipe, exported to ``folder/model``."""
     layers, width, heads = model
     overrides = [
-        f'variables.out={out}', f'variables.vocab_size={_vocab_size(out)}',
+        f'variables.out={out}', f'variables.vocab_size={vocab_size}',
         f'variables.max_seq_len={sizes.max_seq_len}',
         f'variables.n_layer={layers}', f'variables.n_embd={width}', f'variables.n_head={heads}',
         f'variables.steps={steps}', f'variables.eval_interval={min(sizes.eval_interval, steps)}',
@@ -129,11 +129,6 @@ def _train_run(out: Path, folder: Path, recipe: str, sizes: Sizes, model: tuple[
     export_student(str(folder / 'checkpoints' / 'latest-rank0.pt'), str(folder / 'model'))
     shutil.rmtree(folder / 'checkpoints')
     return {'steps': steps, 'wall_s': wall, 'tokens': tokens, 'tokens_per_s': tokens / wall, 'eval_curve': curve}
-
-
-def _vocab_size(out: Path) -> int:
-    from transformers import AutoTokenizer
-    return len(AutoTokenizer.from_pretrained(out / 'tokenizer' / 'tokenizer'))
 
 
 def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Optional[str] = None,
@@ -180,16 +175,18 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
     records['corpus'] = _stage(out_path, 'corpus', make_corpus)
     records['tokenizer'] = _stage(out_path, 'tokenizer', make_tokenizer)
     records['data'] = _stage(out_path, 'data', make_data)
+    vocab_size = records['tokenizer']['vocab_size']  # len(tokenizer), recorded by its stage
     records['teacher'] = _stage(out_path, 'teacher', lambda f: _train_run(
-        out_path, f, 'teacher.yaml', sizes, sizes.teacher, sizes.teacher_steps, 17))
+        out_path, f, 'teacher.yaml', sizes, vocab_size, sizes.teacher, sizes.teacher_steps, 17))
     teacher_model = f'variables.teacher={out_path / "teacher" / "model"}'
     records['distilled'] = _stage(out_path, 'distilled', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, sizes.student, sizes.student_steps, seed, (teacher_model, *students)))
+        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, sizes.student_steps, seed,
+        (teacher_model, *students)))
     records['baseline'] = _stage(out_path, 'baseline', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, sizes.student, sizes.student_steps, seed, labels_only))
+        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, sizes.student_steps, seed, labels_only))
     # As many label-only steps as fit in the distillation run's wall-clock time.
     equal_time_steps = max(1, round(sizes.student_steps * records['distilled']['wall_s'] /
                                     records['baseline']['wall_s']))
     records['baseline_equal_time'] = _stage(out_path, 'baseline_equal_time', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, sizes.student, equal_time_steps, seed, labels_only))
+        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, equal_time_steps, seed, labels_only))
     return write_report(out_path, records, settings)

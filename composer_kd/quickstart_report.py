@@ -53,8 +53,8 @@ def _plot(out: Path, records: dict[str, Any], teacher_ce: float) -> None:
 
 
 def write_report(out: Path, records: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """Evaluates every model on the whole val split; writes ``results.json`` and ``eval_curves.png``; prints
-    the table; returns the results."""
+    """Evaluates every model on the first ``EVAL_SAMPLES`` val samples; writes ``results.json`` and
+    ``eval_curves.png``; prints the table; returns the results."""
     tokenizer, data = str(out / 'tokenizer' / 'tokenizer'), str(out / 'data' / 'mds')
     teacher = str(out / 'teacher' / 'model')
     models: dict[str, Any] = {}
