@@ -1,12 +1,12 @@
 """composer-kd: knowledge distillation for language models as a MosaicML Composer plugin."""
 
-from composer_kd.data import token_data_spec as token_data_spec
-from composer_kd.divergences import DIVERGENCES as DIVERGENCES
+from composer_kd.data.tokens import token_data_spec as token_data_spec
 from composer_kd.errors import ConfigError as ConfigError
-from composer_kd.loss import distillation_loss as distillation_loss
-from composer_kd.metrics import TeacherDivergenceLoss as TeacherDivergenceLoss
-from composer_kd.metrics import TeacherTop1Agreement as TeacherTop1Agreement
-from composer_kd.model import DistillationModel as DistillationModel
+from composer_kd.losses.dense import distillation_loss as distillation_loss
+from composer_kd.losses.divergences import DIVERGENCES as DIVERGENCES
+from composer_kd.model.distillation_model import DistillationModel as DistillationModel
+from composer_kd.model.metrics import TeacherDivergenceLoss as TeacherDivergenceLoss
+from composer_kd.model.metrics import TeacherTop1Agreement as TeacherTop1Agreement
 
 __version__ = '0.1.0'
 

@@ -14,13 +14,13 @@ __all__ = ['main']
 
 
 def _train(args: argparse.Namespace) -> None:
-    from composer_kd.config import load_config
-    from composer_kd.train import train
+    from composer_kd.run.config import load_config
+    from composer_kd.run.train import train
     train(load_config(args.config, args.overrides))
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
-    from composer_kd.prepare_data import prepare_data
+    from composer_kd.data.prepare import prepare_data
     summary = prepare_data(args.input,
                  tokenizer=args.tokenizer,
                  out=args.out,
@@ -34,18 +34,18 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from composer_kd.export import export_student
+    from composer_kd.run.export import export_student
     export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)
     print(f'exported the student to {args.out_dir}')
 
 
 def _make_tiny_assets(args: argparse.Namespace) -> None:
-    from composer_kd.tiny_assets import make_tiny_assets
+    from composer_kd.quickstart.tiny_assets import make_tiny_assets
     make_tiny_assets(args.out, overwrite=args.overwrite)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from composer_kd.quickstart import run_quickstart
+    from composer_kd.quickstart.pipeline import run_quickstart
     run_quickstart(args.out, fast=args.fast, corpus=args.corpus, seed=args.seed, alpha=args.alpha,
                    temperature=args.temperature, divergence=args.divergence)
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from streaming.base.util import clean_stale_shared_memory
 
-from composer_kd.tiny_assets import make_tiny_assets
+from composer_kd.quickstart.tiny_assets import make_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / 'yamls' / 'tiny-cpu.yaml'

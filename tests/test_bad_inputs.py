@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from composer_kd.cli import main
-from composer_kd.tiny_assets import save_gpt2, train_bpe_tokenizer
+from composer_kd.quickstart.tiny_assets import save_gpt2, train_bpe_tokenizer
 
 
 def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, match: str) -> None:

@@ -9,9 +9,9 @@ from streaming import StreamingDataset
 
 from composer_kd import token_data_spec
 from composer_kd.cli import main
-from composer_kd.data import collate_tokens, count_tokens
-from composer_kd.loss import scored_positions
-from composer_kd.prepare_data import split_of
+from composer_kd.data.prepare import split_of
+from composer_kd.data.tokens import collate_tokens, count_tokens
+from composer_kd.losses.dense import scored_positions
 
 
 def _digest(folder) -> str:

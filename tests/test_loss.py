@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from composer_kd import chunked_loss, distillation_loss
-from composer_kd.divergences import DIVERGENCES
+from composer_kd import distillation_loss
+from composer_kd.losses import chunked as chunked_loss
+from composer_kd.losses.divergences import DIVERGENCES
 
 DIVERGENCE_CASES = [
     ('forward_kl', {}),

@@ -7,11 +7,11 @@ token sum over a token count, with Composer weighting microbatches by that count
 import pytest
 import torch
 from composer import Trainer
+from helpers import tiny_gpt2
 from torch.utils.data import DataLoader
 
 from composer_kd import DistillationModel, token_data_spec
-from composer_kd.data import collate_tokens
-from helpers import tiny_gpt2
+from composer_kd.data.tokens import collate_tokens
 
 LENGTHS = [16, 3, 11, 7, 2, 13]  # six sequences; padding differs in every microbatch split
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 from composer.metrics import LanguageCrossEntropy
+from helpers import tiny_gpt2
 from transformers import PreTrainedTokenizerFast
 
 from composer_kd import DistillationModel, distillation_loss
-from composer_kd.data import collate_tokens
-from composer_kd.tiny_assets import train_bpe_tokenizer
-from composer_kd.vocab import check_same_vocabulary
-from helpers import tiny_gpt2
+from composer_kd.data.tokens import collate_tokens
+from composer_kd.model.vocab import check_same_vocabulary
+from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
 
 
 def _batch(vocab: int = 48) -> dict[str, torch.Tensor]:
@@ -122,7 +122,7 @@ def test_chunked_language_metrics_equal_composers() -> None:
     from composer.metrics import LanguageCrossEntropy as ComposerCE
     from composer.metrics import LanguagePerplexity as ComposerPPL
 
-    from composer_kd.metrics import ChunkedLanguageCrossEntropy, ChunkedLanguagePerplexity
+    from composer_kd.model.metrics import ChunkedLanguageCrossEntropy, ChunkedLanguagePerplexity
     g = torch.Generator().manual_seed(0)
     pairs = [(ChunkedLanguageCrossEntropy(), ComposerCE()), (ChunkedLanguagePerplexity(), ComposerPPL())]
     for _ in range(3):  # several updates accumulate

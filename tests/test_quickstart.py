@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from composer_kd import quickstart
 from composer_kd.cli import main
+from composer_kd.quickstart import pipeline as quickstart
 
 
 @pytest.fixture(scope='module')

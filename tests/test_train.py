@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_kd.cli import main
-from composer_kd.config import load_config
-from composer_kd.export import export_student
-from composer_kd.train import build_trainer, train
+from composer_kd.run.config import load_config
+from composer_kd.run.export import export_student
+from composer_kd.run.train import build_trainer, train
 
 
 def test_run_keeps_teacher_and_checkpoints_student_only(tmp_path, tiny_assets, write_config) -> None:

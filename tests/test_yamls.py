@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from composer.utils import FSDPConfig
 
-from composer_kd.checks import check_run_config
-from composer_kd.config import load_config
 from composer_kd.errors import ConfigError
+from composer_kd.run.checks import check_run_config
+from composer_kd.run.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
 

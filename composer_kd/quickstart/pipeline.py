@@ -25,18 +25,18 @@ from typing import Any, Callable, Optional
 
 from composer.loggers import InMemoryLogger
 
-from composer_kd.config import load_config
+from composer_kd.data.prepare import prepare_data, split_of
+from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
-from composer_kd.export import export_student
-from composer_kd.prepare_data import prepare_data, split_of
-from composer_kd.quickstart_report import write_report
-from composer_kd.staging import staged_folder
-from composer_kd.tiny_assets import train_bpe_tokenizer
-from composer_kd.train import train
+from composer_kd.quickstart.report import write_report
+from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
+from composer_kd.run.config import load_config
+from composer_kd.run.export import export_student
+from composer_kd.run.train import train
 
 __all__ = ['Sizes', 'DEFAULT', 'FAST', 'run_quickstart']
 
-RECIPES = Path(__file__).resolve().parents[1] / 'yamls' / 'quickstart'
+RECIPES = Path(__file__).resolve().parents[2] / 'yamls' / 'quickstart'
 VAL_FRACTION = 0.05
 STAGES = ('corpus', 'tokenizer', 'data', 'teacher', 'distilled', 'baseline', 'baseline_equal_time')
 OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json')

@@ -7,8 +7,8 @@ from typing import Any, Mapping
 from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
-from composer_kd.loss import check_distillation_args
-from composer_kd.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
+from composer_kd.losses.dense import check_distillation_args
+from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
 __all__ = ['BatchSizes', 'check_run_config', 'run_precision', 'eval_metric_names', 'METRIC_DIRECTIONS']
 

@@ -15,8 +15,8 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
-from composer_kd.staging import staged_folder
 
 __all__ = ['prepare_data', 'find_documents', 'split_of']
 

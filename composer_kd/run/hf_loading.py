@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.errors import ConfigError
-from composer_kd.model import DistillationModel
-from composer_kd.vocab import check_same_vocabulary
+from composer_kd.model.distillation_model import DistillationModel
+from composer_kd.model.vocab import check_same_vocabulary
 
 __all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model']
 

@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_kd.data import build_token_dataloader
-from composer_kd.model import DistillationModel
+from composer_kd.data.tokens import build_token_dataloader
+from composer_kd.model.distillation_model import DistillationModel
 
 __all__ = ['evaluate_student']
 

@@ -7,12 +7,16 @@ from composer.models import HuggingFaceModel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from composer_kd.data import batch_labels
-from composer_kd.fsdp import prepare_for_fsdp
-from composer_kd.loss import check_distillation_args, distillation_loss
-from composer_kd.metrics import (ChunkedLanguageCrossEntropy, ChunkedLanguagePerplexity, TeacherDivergenceLoss,
-                                 TeacherTop1Agreement)
-from composer_kd.vocab import shared_vocab_size
+from composer_kd.data.tokens import batch_labels
+from composer_kd.losses.dense import check_distillation_args, distillation_loss
+from composer_kd.model.fsdp import prepare_for_fsdp
+from composer_kd.model.metrics import (
+    ChunkedLanguageCrossEntropy,
+    ChunkedLanguagePerplexity,
+    TeacherDivergenceLoss,
+    TeacherTop1Agreement,
+)
+from composer_kd.model.vocab import shared_vocab_size
 
 __all__ = ['DistillationModel']
 

@@ -10,11 +10,11 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, get_device, reproducibility
 
-from composer_kd.checks import METRIC_DIRECTIONS, check_run_config, run_precision
-from composer_kd.data import build_token_dataloader
+from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
-from composer_kd.hf_loading import build_distillation_model, build_tokenizer
-from composer_kd.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
+from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
+from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer
+from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
 
 __all__ = ['build_trainer', 'train']
 

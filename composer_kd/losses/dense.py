@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from composer_kd.chunked_loss import hybrid_loss_sums
-from composer_kd.divergences import DIVERGENCES
+from composer_kd.losses.chunked import hybrid_loss_sums
+from composer_kd.losses.divergences import DIVERGENCES
 
 __all__ = ['distillation_loss', 'check_distillation_args', 'scored_positions']
 

@@ -12,9 +12,9 @@ from typing import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from composer_kd.data.prepare import prepare_data
+from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
-from composer_kd.prepare_data import prepare_data
-from composer_kd.staging import staged_folder
 
 __all__ = ['train_bpe_tokenizer', 'save_gpt2', 'stdlib_files', 'make_tiny_assets']
 

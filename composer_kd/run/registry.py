@@ -6,8 +6,8 @@ from typing import Any, Callable, Mapping
 import torch
 from composer import algorithms, callbacks, loggers, optim
 
+from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector
 from composer_kd.errors import ConfigError
-from composer_kd.scheduled_gc import ScheduledGarbageCollector
 
 __all__ = ['OPTIMIZERS', 'SCHEDULERS', 'ALGORITHMS', 'CALLBACKS', 'LOGGERS', 'check_kwargs', 'construct']
 

@@ -16,7 +16,7 @@ import torch
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from torchmetrics import Metric
 
-from composer_kd.loss import distillation_loss
+from composer_kd.losses.dense import distillation_loss
 
 __all__ = ['ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss', 'TeacherTop1Agreement']
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from composer_kd.divergences import forward_kl
+from composer_kd.losses.divergences import forward_kl
 
 __all__ = ['hybrid_loss_sums', 'default_chunk_elements']
 

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from composer_kd.evaluate import evaluate_student
+from composer_kd.run.evaluate import evaluate_student
 
 __all__ = ['write_report', 'format_table']
 

@@ -1,0 +1,5 @@
+"""Composer callbacks that Composer itself does not ship."""
+
+from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector as ScheduledGarbageCollector
+
+__all__ = ['ScheduledGarbageCollector']

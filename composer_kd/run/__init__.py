@@ -1,0 +1,1 @@
+"""The run layer: YAML run configs → validated settings → Composer objects; ``train`` and ``export``."""
