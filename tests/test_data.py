@@ -11,7 +11,7 @@ from composer_kd import token_data_spec
 from composer_kd.cli import main
 from composer_kd.data.prepare import split_of
 from composer_kd.data.tokens import collate_tokens, count_tokens
-from composer_kd.losses.dense import scored_positions
+from composer_kd.losses import scored_positions
 
 
 def _digest(folder) -> str:

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from reference import divergence as _reference_divergence
+from reference import softmax as _softmax
 
 from composer_kd import distillation_loss
 from composer_kd.losses import chunked as chunked_loss
@@ -20,34 +22,6 @@ DIVERGENCE_CASES = [
     ('skew_reverse_kl', {'lam': 0.3}),
     ('tvd', {}),
 ]
-
-
-def _softmax(row: list[float], temperature: float) -> list[float]:
-    scaled = [x / temperature for x in row]
-    top = max(scaled)
-    exps = [math.exp(x - top) for x in scaled]
-    return [e / sum(exps) for e in exps]
-
-
-def _kl(a: list[float], b: list[float]) -> float:
-    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
-
-def _reference_divergence(name: str, p: list[float], q: list[float], beta: float = 0.5, lam: float = 0.1) -> float:
-    """Textbook formulas on probabilities (not log space)."""
-    if name == 'forward_kl':
-        return _kl(p, q)
-    if name == 'reverse_kl':
-        return _kl(q, p)
-    if name == 'jsd':
-        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
-        return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
-    if name == 'skew_kl':
-        return _kl(p, [lam * x + (1 - lam) * y for x, y in zip(p, q)])
-    if name == 'skew_reverse_kl':
-        return _kl(q, [(1 - lam) * x + lam * y for x, y in zip(p, q)])
-    assert name == 'tvd'
-    return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
 
 
 def reference_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,

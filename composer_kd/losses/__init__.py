@@ -1,8 +1,14 @@
-"""Distillation losses: pure functions on tensors (the dense hybrid loss, its chunked evaluation, divergences)."""
+"""Distillation losses: pure functions on tensors (dense and top-k hybrid losses, their chunked evaluation,
+divergences)."""
 
-from composer_kd.losses.dense import check_distillation_args as check_distillation_args
+from composer_kd.losses.arguments import check_distillation_args as check_distillation_args
+from composer_kd.losses.arguments import scored_positions as scored_positions
 from composer_kd.losses.dense import distillation_loss as distillation_loss
-from composer_kd.losses.dense import scored_positions as scored_positions
 from composer_kd.losses.divergences import DIVERGENCES as DIVERGENCES
+from composer_kd.losses.topk import TopKTeacher as TopKTeacher
+from composer_kd.losses.topk import topk_distillation_loss as topk_distillation_loss
 
-__all__ = ['DIVERGENCES', 'check_distillation_args', 'distillation_loss', 'scored_positions']
+__all__ = [
+    'DIVERGENCES', 'TopKTeacher', 'check_distillation_args', 'distillation_loss', 'scored_positions',
+    'topk_distillation_loss'
+]

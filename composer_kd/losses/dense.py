@@ -1,66 +1,83 @@
-"""The hybrid distillation loss: ``alpha·CE + (1−alpha)·T²·D(teacher‖student)``, a pure function on tensors.
+"""The hybrid distillation loss on dense teacher logits: ``alpha·CE + (1−alpha)·T²·D(teacher‖student)``.
 
-Shapes: B batch, T sequence length, V vocabulary, N scored tokens (targets that are not ``ignore_index``).
+Shapes: B batch, T sequence length, V vocabulary, N scored tokens (targets that are not ``ignore_index``),
+C rows of one chunk.
 
 Both terms are *sums over the N scored tokens divided by N*. Composer rescales each microbatch's loss by its
 share of the global token count (``accumulate_train_batch_on_tokens``), so this normalisation makes one
 optimizer step exactly the gradient of the global per-token mean, however the batch is split.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from composer_kd.losses.chunked import hybrid_loss_sums
+from composer_kd.losses.arguments import (
+    check_distillation_args,
+    check_student_and_labels,
+    scored_positions,
+    shifted_targets,
+)
+from composer_kd.losses.chunked import RowsFn, autograd_rows, chunked_loss_sums
 from composer_kd.losses.divergences import DIVERGENCES
 
-__all__ = ['distillation_loss', 'check_distillation_args', 'scored_positions']
+__all__ = ['distillation_loss']
 
 
-def check_distillation_args(alpha: float, temperature: float, divergence: str,
-                            divergence_kwargs: dict[str, Any]) -> dict[str, float]:
-    """Validates the loss hyperparameters; returns the divergence's keyword arguments with defaults filled in.
+def _closed_form_rows(alpha: float, temperature: float) -> RowsFn:
+    """Forward KL (or CE alone, without a teacher) per row, with the gradient written out.
 
-    Raises:
-        ValueError: naming the argument and the value, for any value the loss cannot use.
+    With z, t the student and teacher logits, q = softmax(z), q_T = softmax(z/T) and p = softmax(t/T):
+
+    * CE = −log q[target];
+    * KL(p‖q_T) = Σ p·(t/T − log q_T) − lse(t/T)   (log p is never materialised);
+    * d/dz [alpha·CE + (1−alpha)·T²·KL] = alpha·(q − onehot) + (1−alpha)·T·(q_T − p).
+
+    That is a handful of passes over the chunk instead of an autograd graph.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f'alpha must be a number in [0, 1], got {alpha!r}')
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f'temperature must be a number > 0, got {temperature!r}')
-    if divergence not in DIVERGENCES:
-        raise ValueError(f'divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}')
-    _, params = DIVERGENCES[divergence]
-    unknown = sorted(set(divergence_kwargs) - set(params))
-    if unknown:
-        allowed = sorted(params) or 'none'
-        raise ValueError(f'divergence {divergence!r} takes no argument {unknown[0]!r} (it takes: {allowed})')
-    resolved = {}
-    for name, (default, low, high) in params.items():
-        value = divergence_kwargs.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f'{name} must be a number in [{low}, {high}] for {divergence!r}, got {value!r}')
-        resolved[name] = float(value)
-    return resolved
+
+    def rows(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...], targets: torch.Tensor,
+             needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        log_q = F.log_softmax(student, dim=-1)
+        ce = -log_q.gather(1, targets[:, None]).squeeze(1)
+        if not teacher_rows:
+            kd = torch.zeros_like(ce)
+            grad = log_q.exp_().mul_(alpha) if needs_grad else None
+        else:
+            teacher = teacher_rows[0].to(student.dtype)
+            scaled_teacher = teacher if temperature == 1.0 else teacher / temperature
+            log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
+            lse_t = torch.logsumexp(scaled_teacher, dim=-1, keepdim=True)
+            p = (scaled_teacher - lse_t).exp_()
+            # The difference is −inf or nan only where p = 0, where the term is 0.
+            diff = (scaled_teacher - log_q_t).nan_to_num_(nan=0.0, neginf=0.0, posinf=float('inf'))
+            kd = torch.linalg.vecdot(p, diff) - lse_t.squeeze(1)
+            grad = None
+            if needs_grad and temperature == 1.0:  # q − (1−alpha)·p, in place over log q
+                grad = log_q.exp_().sub_(p, alpha=1.0 - alpha)
+            elif needs_grad:
+                grad = log_q_t.exp_().sub_(p).mul_((1.0 - alpha) * temperature).add_(log_q.exp_(), alpha=alpha)
+        if grad is not None:
+            grad.scatter_add_(1, targets[:, None], grad.new_full((targets.numel(), 1), -alpha))
+        return ce, kd, grad
+
+    return rows
 
 
-def scored_positions(labels: torch.Tensor, ignore_index: int = -100, shift_labels: bool = True) -> torch.Tensor:
-    """Boolean ``(B, T)`` mask of the logit positions that are scored; its sum is N.
+def _divergence_values(temperature: float, divergence: str, params: dict[str, float]):
+    """Per-row CE and divergence of one chunk ``(C, V)``, differentiable by autograd."""
+    divergence_fn = DIVERGENCES[divergence][0]
 
-    With ``shift_labels`` the logits at t predict ``labels[:, t+1]``, so the last position is never scored.
-    """
-    if not shift_labels:
-        return labels != ignore_index
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != ignore_index
-    return mask
+    def values(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...],
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_q = F.log_softmax(student, dim=-1)
+        ce = -log_q.gather(1, targets[:, None]).squeeze(1)
+        log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
+        log_p = F.log_softmax(teacher_rows[0].to(student.dtype) / temperature, dim=-1)
+        return ce, divergence_fn(log_p, log_q_t, **params)
 
-
-def _shifted_targets(labels: torch.Tensor, mask: torch.Tensor, shift_labels: bool) -> torch.Tensor:
-    """``(B, T)`` target of every logit position: the next label when shifting; 0 where nothing is scored."""
-    if shift_labels:
-        labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1)  # the last column is unscored anyway
-    return torch.where(mask, labels, torch.zeros_like(labels))
+    return values
 
 
 def distillation_loss(
@@ -105,10 +122,7 @@ def distillation_loss(
         ValueError: for an invalid hyperparameter or mismatched shapes.
     """
     params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
-    if student_logits.dim() != 3:
-        raise ValueError(f'student_logits must be (B, T, V), got shape {tuple(student_logits.shape)}')
-    if labels.shape != student_logits.shape[:2]:
-        raise ValueError(f'labels must be (B, T) = {tuple(student_logits.shape[:2])}, got shape {tuple(labels.shape)}')
+    check_student_and_labels(student_logits, labels)
     if teacher_logits is None:
         if alpha != 1.0:
             raise ValueError(f'teacher_logits is None, which needs alpha == 1, got alpha={alpha!r}')
@@ -117,8 +131,12 @@ def distillation_loss(
                          f'student_logits shape {tuple(student_logits.shape)}')
 
     mask = scored_positions(labels, ignore_index, shift_labels)
-    targets = _shifted_targets(labels, mask, shift_labels)
-    total, ce, kd = hybrid_loss_sums(student_logits, teacher_logits, mask.flatten(), targets.flatten(),
-                                     mask.sum().clamp(min=1), alpha, temperature, DIVERGENCES[divergence][0], params,
-                                     chunk_elements)
+    targets = shifted_targets(labels, mask, shift_labels)
+    teacher = () if teacher_logits is None else (teacher_logits.reshape(-1, teacher_logits.shape[-1]),)
+    if teacher_logits is None or divergence == 'forward_kl':
+        rows_fn = _closed_form_rows(alpha, temperature)
+    else:
+        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
+    total, ce, kd = chunked_loss_sums(student_logits, teacher, rows_fn, mask.flatten(), targets.flatten(),
+                                      mask.sum().clamp(min=1), alpha, temperature, chunk_elements)
     return {'total': total, 'ce': ce, 'kd': kd}

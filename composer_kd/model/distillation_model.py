@@ -8,7 +8,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.data.tokens import batch_labels
-from composer_kd.losses.dense import check_distillation_args, distillation_loss
+from composer_kd.losses import check_distillation_args, distillation_loss
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.metrics import (
     ChunkedLanguageCrossEntropy,

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
-from composer_kd.losses.dense import check_distillation_args
+from composer_kd.losses import check_distillation_args
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
 __all__ = ['BatchSizes', 'check_run_config', 'run_precision', 'eval_metric_names', 'METRIC_DIRECTIONS']

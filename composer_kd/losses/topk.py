@@ -1,0 +1,245 @@
+"""The hybrid distillation loss against a sparse teacher: its top-k next tokens and one "rest" bucket.
+
+Shapes: B batch, T sequence length, V vocabulary, K entries kept per position, C rows of one chunk.
+
+A precomputed teacher keeps, per position, its K most likely next tokens with their log-probabilities and
+(optionally) the log of the probability mass outside them. The loss compares two distributions over the
+same K + 1 buckets — the K tokens one by one, and everything else as one bucket:
+
+* teacher: ``p_T(i)`` for the K ids, and ``P_rest`` = 1 − Σ ``p_T(i)``;
+* student: ``q_T(i)`` for the same ids, and ``Q_rest`` = Σ of ``q_T(v)`` over the other V − K ids.
+
+Every divergence of ``DIVERGENCES`` is then applied to those K + 1 buckets unchanged. With K = V there is no
+rest bucket and the loss *is* ``distillation_loss`` on the full teacher.
+
+Temperature. The stored log-probs are the teacher's at temperature 1, ``lp(i) = log softmax(t)(i)``. At a
+temperature T the teacher's distribution is ``p_T(v) ∝ p(v)^(1/T)``, so its top-K entries are, exactly,
+``p_T(i) = (1 − P_rest,T) · softmax_K(lp / T)(i)``: only the rest mass at T is needed, and
+``precompute-teacher`` records it (``log P_rest,T``, computed from the full logits) for every temperature
+listed in its config. Without that record the loss derives it: at T = 1 as ``1 − Σ exp(lp)``; at T ≠ 1 it
+*estimates* the rest's tempered weight ``Σ_rest p(v)^(1/T)`` as ``P_rest · p_min^(1/T − 1)``, i.e. as if
+the rest were tokens as likely as the K-th (``p_min``). That is exact when K = V (no rest), a lower bound of
+the weight for T > 1 and an upper bound for T < 1 (the rest's tokens are all less likely than the K-th);
+``benchmarks/offline.py`` measures its error against the dense loss.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from composer_kd.losses.arguments import (
+    check_distillation_args,
+    check_student_and_labels,
+    scored_positions,
+    shifted_targets,
+)
+from composer_kd.losses.chunked import RowsFn, autograd_rows, chunked_loss_sums
+from composer_kd.losses.divergences import DIVERGENCES
+
+__all__ = ['TopKTeacher', 'topk_distillation_loss', 'teacher_buckets']
+
+_TINY = torch.finfo(torch.float32).tiny  # the floor of the student's rest mass before its log
+
+
+class TopKTeacher(NamedTuple):
+    """A sparse teacher for a batch: what ``topk_distillation_loss`` takes besides the student and labels.
+
+    Attributes:
+        ids (Tensor): ``(B, T, K)`` integer token ids, distinct at each position, most likely first.
+        logprobs (Tensor): ``(B, T, K)`` the teacher's log-probabilities of ``ids`` at temperature 1.
+        rest_logprob (Tensor, optional): ``(B, T)`` log of the teacher's mass outside ``ids`` at the loss's
+            temperature.
+    """
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    rest_logprob: Optional[torch.Tensor] = None
+
+
+def teacher_buckets(logprobs: torch.Tensor, rest_logprob: Optional[torch.Tensor], temperature: float,
+                    has_rest: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The teacher's log-probabilities over the buckets at ``temperature``: ``(C, K)`` and ``(C,)`` (or None).
+
+    Args:
+        logprobs (Tensor): ``(C, K)`` top-K log-probabilities at temperature 1.
+        rest_logprob (Tensor, optional): ``(C,)`` recorded log rest mass at ``temperature``.
+        temperature (float): the distillation temperature.
+        has_rest (bool): whether a rest bucket exists (K < V).
+    """
+    if not has_rest:  # K = V: the K entries are the whole distribution
+        return F.log_softmax(logprobs / temperature, dim=-1), None
+    if rest_logprob is not None:
+        top_mass = torch.log1p(-rest_logprob.exp().clamp(max=1.0))  # log(1 − P_rest)
+        return F.log_softmax(logprobs / temperature, dim=-1) + top_mass[:, None], rest_logprob
+    lse = torch.logsumexp(logprobs, dim=-1)
+    logprobs = logprobs - lse.clamp(min=0.0)[:, None]  # entries that sum past 1 (rounding) are scaled to 1
+    rest = torch.log1p(-lse.exp().clamp(max=1.0))  # log(1 − Σ p), −inf when the entries hold all the mass
+    if temperature == 1.0:
+        return logprobs, rest
+    # The rest's weight at T, estimated as tokens as likely as the K-th: P_rest · p_min^(1/T − 1).
+    rest_weight = rest + (1.0 / temperature - 1.0) * logprobs.min(dim=-1).values
+    log_norm = torch.logaddexp(torch.logsumexp(logprobs / temperature, dim=-1), rest_weight)
+    return logprobs / temperature - log_norm[:, None], rest_weight - log_norm
+
+
+def _student_rest(q: torch.Tensor, q_topk: torch.Tensor) -> torch.Tensor:
+    """Σ of ``q`` over the ids outside the top-K, ``(C,)``: summed in float64, so a small rest survives the
+    subtraction exactly (it is the sum of the float32 probabilities outside the K ids)."""
+    rest = q.sum(dim=-1, dtype=torch.float64) - q_topk.sum(dim=-1, dtype=torch.float64)
+    return rest.to(q.dtype).clamp(min=0.0)
+
+
+def _closed_form_rows(alpha: float, temperature: float, vocab: int) -> RowsFn:
+    """Forward KL over the buckets per row, with the gradient written out.
+
+    With z the student logits, q = softmax(z), q_T = softmax(z/T), K the top ids, p_T the teacher's bucket
+    probabilities and Q_rest = Σ_{v∉K} q_T(v):
+
+    * KL = Σ_K p_T(i)·(log p_T(i) − log q_T(i)) + P_rest·(log P_rest − log Q_rest);
+    * d/dz_v [alpha·CE + (1−alpha)·T²·KL] = alpha·(q − onehot)_v + (1−alpha)·T·g_v with
+      g_v = q_T(v) − p_T(v) for v ∈ K and g_v = q_T(v)·(1 − P_rest / Q_rest) for the rest.
+    """
+
+    def rows(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...], targets: torch.Tensor,
+             needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        ids, logprobs, rest_logprob = _unpack(teacher_rows, student.dtype)
+        has_rest = ids.shape[1] < vocab
+        log_q = F.log_softmax(student, dim=-1)
+        ce = -log_q.gather(1, targets[:, None]).squeeze(1)
+        log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
+        log_q_topk = log_q_t.gather(1, ids)  # (C, K)
+        log_p_topk, log_p_rest = teacher_buckets(logprobs, rest_logprob, temperature, has_rest)
+        p_topk = log_p_topk.exp()
+        kd = torch.where(p_topk > 0, p_topk * (log_p_topk - log_q_topk), 0.0).sum(dim=-1)
+        q_t = log_q_t.exp_()  # log_q_t is not needed past this point (log_q may be the same buffer)
+        rest_factor = torch.ones_like(ce)
+        if has_rest:
+            q_rest = _student_rest(q_t, q_t.gather(1, ids))
+            p_rest = log_p_rest.exp()
+            log_q_rest = q_rest.clamp(min=_TINY).log()
+            kd = kd + torch.where(p_rest > 0, p_rest * (log_p_rest - log_q_rest), 0.0)
+            rest_factor = 1.0 - p_rest / q_rest.clamp(min=_TINY)
+        if not needs_grad:
+            return ce, kd, None
+        q_topk = q_t.gather(1, ids)
+        if temperature == 1.0:  # q_t is q: one buffer, alpha·q + (1−alpha)·g
+            grad = q_t.mul_((alpha + (1.0 - alpha) * rest_factor)[:, None])
+            grad.scatter_(1, ids, q_topk - (1.0 - alpha) * p_topk)
+        else:
+            q = log_q.exp()
+            scale = (1.0 - alpha) * temperature
+            grad = q_t.mul_((scale * rest_factor)[:, None]).add_(q, alpha=alpha)
+            grad.scatter_(1, ids, scale * (q_topk - p_topk) + alpha * q.gather(1, ids))
+        grad.scatter_add_(1, targets[:, None], grad.new_full((targets.numel(), 1), -alpha))
+        return ce, kd, grad
+
+    return rows
+
+
+def _divergence_values(
+        temperature: float, divergence: str, params: dict[str, float], vocab: int
+) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Per-row CE and bucket divergence of one chunk, differentiable by autograd."""
+    divergence_fn = DIVERGENCES[divergence][0]
+
+    def values(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...],
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, logprobs, rest_logprob = _unpack(teacher_rows, student.dtype)
+        has_rest = ids.shape[1] < vocab
+        log_q = F.log_softmax(student, dim=-1)
+        ce = -log_q.gather(1, targets[:, None]).squeeze(1)
+        log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
+        log_q_topk = log_q_t.gather(1, ids)
+        log_p_topk, log_p_rest = teacher_buckets(logprobs, rest_logprob, temperature, has_rest)
+        if not has_rest:
+            return ce, divergence_fn(log_p_topk, log_q_topk, **params)
+        q_t = log_q_t.exp()
+        log_q_rest = _student_rest(q_t, q_t.gather(1, ids)).clamp(min=_TINY).log()
+        p_log = torch.cat([log_p_topk, log_p_rest[:, None]], dim=1)  # (C, K + 1)
+        q_log = torch.cat([log_q_topk, log_q_rest[:, None]], dim=1)
+        return ce, divergence_fn(p_log, q_log, **params)
+
+    return values
+
+
+def _unpack(teacher_rows: tuple[torch.Tensor, ...],
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    ids, logprobs = teacher_rows[0], teacher_rows[1].to(dtype)
+    rest = teacher_rows[2].to(dtype) if len(teacher_rows) > 2 else None
+    return ids, logprobs, rest
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = 'forward_kl',
+    ignore_index: int = -100,
+    shift_labels: bool = True,
+    teacher_rest_logprob: Optional[torch.Tensor] = None,
+    chunk_elements: Optional[int] = None,
+    **divergence_kwargs: float,
+) -> dict[str, torch.Tensor]:
+    """Hybrid cross-entropy + distillation loss against a top-K teacher, normalised by the scored tokens.
+
+    The divergence compares teacher and student over K + 1 buckets (the K ids, and the rest of the
+    vocabulary as one bucket); see the module docstring for how ``temperature`` applies to stored
+    log-probs. With K = V it equals ``distillation_loss`` on the full teacher logits.
+
+    Args:
+        student_logits (Tensor): ``(B, T, V)``; any float dtype (bf16 is upcast to float32).
+        teacher_topk_ids (Tensor): ``(B, T, K)`` integer ids < V, distinct at each position.
+        teacher_topk_logprobs (Tensor): ``(B, T, K)`` the teacher's log-probabilities of those ids at
+            temperature 1 (any float dtype).
+        labels (Tensor): ``(B, T)`` targets in the Hugging Face convention.
+        alpha (float): weight of the cross-entropy term, in [0, 1]. Default: ``0.5``.
+        temperature (float): temperature of both distributions in the divergence (> 0). Default: ``1.0``.
+        divergence (str): a name of ``DIVERGENCES``. Default: ``'forward_kl'``.
+        ignore_index (int): label value excluded from both terms. Default: ``-100``.
+        shift_labels (bool): score the logits at t against ``labels[:, t+1]``. Default: ``True``.
+        teacher_rest_logprob (Tensor, optional): ``(B, T)`` log of the teacher's mass outside the K ids at
+            ``temperature`` (``precompute-teacher`` records it). Default: derived from the K entries.
+        chunk_elements (int, optional): rows × V evaluated at a time. Default: 2**18 on CPU, 2**24 on CUDA.
+        **divergence_kwargs: ``beta`` for ``jsd``, ``lam`` for the skew divergences.
+
+    Returns:
+        dict[str, Tensor]: scalars ``total = alpha·ce + (1−alpha)·T²·kd``, ``ce`` and ``kd`` (mean token
+        bucket divergence); only ``total`` carries a gradient (to ``student_logits``), computed chunk by chunk
+        during the forward pass. With no scored token all three are 0.
+
+    Raises:
+        ValueError: for an invalid hyperparameter or mismatched shapes.
+    """
+    params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
+    check_student_and_labels(student_logits, labels)
+    B, T, V = student_logits.shape
+    if teacher_topk_ids.dim() != 3 or teacher_topk_ids.shape[:2] != (B, T) or not 1 <= teacher_topk_ids.shape[2] <= V:
+        raise ValueError(f'teacher_topk_ids must be (B, T, K) = ({B}, {T}, K) with 1 <= K <= {V}, got shape '
+                         f'{tuple(teacher_topk_ids.shape)}')
+    if teacher_topk_ids.is_floating_point():
+        raise ValueError(f'teacher_topk_ids must hold integer ids, got dtype {teacher_topk_ids.dtype}')
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(f'teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} does not match '
+                         f'teacher_topk_ids shape {tuple(teacher_topk_ids.shape)}')
+    if teacher_rest_logprob is not None and teacher_rest_logprob.shape != (B, T):
+        raise ValueError(f'teacher_rest_logprob must be (B, T) = ({B}, {T}), got shape '
+                         f'{tuple(teacher_rest_logprob.shape)}')
+
+    K = teacher_topk_ids.shape[2]
+    mask = scored_positions(labels, ignore_index, shift_labels)
+    targets = shifted_targets(labels, mask, shift_labels)
+    teacher = (teacher_topk_ids.reshape(-1, K).long(), teacher_topk_logprobs.reshape(-1, K))
+    if teacher_rest_logprob is not None:
+        teacher += (teacher_rest_logprob.reshape(-1),)
+    if divergence == 'forward_kl':
+        rows_fn = _closed_form_rows(alpha, temperature, V)
+    else:
+        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params, V), alpha, temperature)
+    total, ce, kd = chunked_loss_sums(student_logits, teacher, rows_fn, mask.flatten(), targets.flatten(),
+                                      mask.sum().clamp(min=1), alpha, temperature, chunk_elements)
+    return {'total': total, 'ce': ce, 'kd': kd}
+
