@@ -1,4 +1,5 @@
-"""``composer-kd`` command line: ``train``, ``prepare-data``, ``export`` and ``make-tiny-assets``.
+"""``composer-kd`` command line: ``train``, ``precompute-teacher``, ``prepare-data``, ``export``, ``quickstart``
+and ``make-tiny-assets``.
 
 The CLI only parses arguments and calls library functions. A ``ConfigError`` (a user mistake) prints one
 line and exits with status 2; anything else is a bug and keeps its traceback.
@@ -17,6 +18,12 @@ def _train(args: argparse.Namespace) -> None:
     from composer_kd.run.config import load_config
     from composer_kd.run.train import train
     train(load_config(args.config, args.overrides))
+
+
+def _precompute_teacher(args: argparse.Namespace) -> None:
+    from composer_kd.run.config import load_precompute_config
+    from composer_kd.run.precompute import precompute_teacher
+    precompute_teacher(load_precompute_config(args.config, args.overrides))
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -72,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('config', help='YAML run config')
     p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. optimizer.lr=1e-4 max_duration=10ba')
     p.set_defaults(run=_train)
+
+    p = commands.add_parser('precompute-teacher', help='run a teacher once over a token MDS split and write its '
+                            'top-k log-probs as an MDS dataset that `train` reads with model.teacher: {precomputed: '
+                            'true} (many processes: `composer -n N -m composer_kd precompute-teacher ...`)')
+    p.add_argument('config', help='YAML config with model.teacher, tokenizer and precompute')
+    p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. precompute.top_k=64')
+    p.set_defaults(run=_precompute_teacher)
 
     p = commands.add_parser('prepare-data', help='tokenize text/.jsonl files into `tokens` MDS shards (train/val)')
     p.add_argument('--input', nargs='+', required=True, help='files or folders (searched recursively)')

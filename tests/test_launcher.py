@@ -1,5 +1,7 @@
-"""The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, and an FSDP2 run
-killed after a sharded checkpoint that autoresume continues exactly. Slow (about 1.5 minutes on 2 cores)."""
+"""The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, an FSDP2 run killed
+after a sharded checkpoint that autoresume continues exactly, ``precompute-teacher`` on 2 processes (and with
+FSDP2) writing the same dataset as on 1, and offline distillation on 2 processes against 1. Slow (about
+3 minutes on 2 cores)."""
 
 import os
 import re
@@ -9,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from streaming import StreamingDataset
 
 pytestmark = pytest.mark.launcher
 
@@ -25,11 +30,15 @@ SAME_LAYOUT = 1e-4
 FSDP = ['fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}', 'autoresume=true']
 
 
+def _launcher(tmp_path: Path, nproc: int) -> list[str]:
+    logs = ['--stdout', str(tmp_path / 'rank{rank}.out'), '--stderr', str(tmp_path / 'rank{rank}.err')]
+    return [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), *logs, '-m', 'composer_kd']
+
+
 def _command(tmp_path: Path, nproc: int, config: Path, overrides: tuple[str, ...]) -> tuple[list[str], Path]:
     log = tmp_path / f'loss-{len(list(tmp_path.glob("loss-*")))}.txt'
     cmd = [
-        sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), '--stdout', str(tmp_path / 'rank{rank}.out'),
-        '--stderr', str(tmp_path / 'rank{rank}.err'), '-m', 'composer_kd', 'train', str(config), *COMMON,
+        *_launcher(tmp_path, nproc), 'train', str(config), *COMMON,
         f'loggers={{file: {{filename: {log}, flush_interval: 1}}}}', *overrides
     ]
     return cmd, log
@@ -117,3 +126,50 @@ def test_fsdp2_killed_run_autoresumes_from_its_sharded_checkpoint(tmp_path: Path
     assert sorted(resumed) == list(range(resume_from, 12))  # continues where the checkpoint stopped
     _assert_same_trajectory(resumed, uninterrupted, SAME_LAYOUT)  # model, optimizer, scheduler, data order
     assert (checkpoints / 'ep0-ba12' / '.metadata').is_file()
+
+
+def _precompute(tmp_path: Path, tiny_assets: Path, nproc: int, out: Path, *overrides: str, fsdp2: bool = False) -> Path:
+    """``composer -n nproc -m composer_kd precompute-teacher`` on the tiny val split; returns the split folder."""
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu-precompute.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    cfg.precompute.dataset.split = 'val'
+    cfg.precompute.out.local = str(out)
+    cfg.precompute.progress_bar = False
+    config = tmp_path / f'{out.name}.yaml'
+    OmegaConf.save(cfg, config)
+    env = dict(os.environ, FSDP_VERSION='2') if fsdp2 else dict(os.environ)
+    proc = subprocess.run([*_launcher(tmp_path, nproc), 'precompute-teacher', str(config), *overrides],
+                          capture_output=True, text=True, timeout=600, env=env)
+    errors = ''.join(p.read_text()[-3000:] for p in tmp_path.glob('rank*.err'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + errors
+    return out / 'val'
+
+
+def _samples(split: Path) -> list[dict]:
+    dataset = StreamingDataset(local=str(split), shuffle=False, batch_size=1)
+    return [dataset[i] for i in range(dataset.num_samples)]
+
+
+def test_precompute_on_two_processes_writes_the_one_process_dataset(tmp_path: Path, tiny_assets: Path) -> None:
+    one = _samples(_precompute(tmp_path, tiny_assets, 1, tmp_path / 'one'))
+    assert len(one) == 390
+    for name, fsdp2, extra in (('two', False, ()), ('fsdp2', True, ('fsdp_config={state_dict_type: sharded}',))):
+        two = _samples(_precompute(tmp_path, tiny_assets, 2, tmp_path / name, *extra, fsdp2=fsdp2))
+        assert len(two) == len(one), name
+        for a, b in zip(two, one):  # sample for sample, every column, bit for bit
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (name, a['sample_index'])
+
+
+def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
+    topk = _precompute(tmp_path, tiny_assets, 2, tmp_path / 'topk').parent
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu-offline.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    cfg.variables.topk = str(topk)
+    cfg.train_loader.dataset.split = 'val'
+    config = tmp_path / 'offline.yaml'
+    OmegaConf.save(cfg, config)
+    one = _launch(tmp_path, 1, config, 'save_folder=null')
+    two = _launch(tmp_path, 2, config, 'save_folder=null')
+    assert len(one) == 12 and one[11] < one[0] - 0.3  # it learns
+    _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
+    assert len(two) == 12

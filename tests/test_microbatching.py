@@ -11,19 +11,33 @@ from helpers import tiny_gpt2
 from torch.utils.data import DataLoader
 
 from composer_kd import DistillationModel, token_data_spec
+from composer_kd.data.teacher_topk import TEACHER_IDS, TEACHER_LOGPROBS, TEACHER_REST
 from composer_kd.data.tokens import collate_tokens
+from composer_kd.model.teacher_topk_model import topk_logprobs
 
 LENGTHS = [16, 3, 11, 7, 2, 13]  # six sequences; padding differs in every microbatch split
 
 
-def _one_step(microbatch: int, accumulate_on_tokens: bool = True) -> dict[str, torch.Tensor]:
+def _with_topk_teacher(sample: dict[str, torch.Tensor], teacher: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sample as a precomputed-teacher dataset gives it: the teacher's top-8 and its rest mass at T = 2."""
+    with torch.no_grad():
+        logits = teacher(sample['input_ids'][None]).logits[0]
+    ids, logprobs, rest = topk_logprobs(logits, 8, [2.0])
+    return {**sample, TEACHER_IDS: ids.int(), TEACHER_LOGPROBS: logprobs.half(), TEACHER_REST: rest[:, 0].half()}
+
+
+def _one_step(microbatch: int, accumulate_on_tokens: bool = True, precomputed: bool = False) -> dict[str, torch.Tensor]:
     """Student parameters after one SGD step (SGD keeps the update proportional to the gradient)."""
     g = torch.Generator().manual_seed(0)
     samples = [{'input_ids': torch.randint(0, 48, (n,), generator=g)} for n in LENGTHS]
-    loader = DataLoader(samples, batch_size=len(samples), collate_fn=collate_tokens)
     student = tiny_gpt2(seed=1, dtype=torch.float64)
     teacher = tiny_gpt2(n_layer=2, n_embd=24, seed=2, dtype=torch.float64)
-    model = DistillationModel(student, teacher, alpha=0.4, temperature=2.0, divergence='jsd')
+    if precomputed:  # the teacher's top-k comes with the batch; forward KL over the buckets
+        samples = [_with_topk_teacher(s, teacher) for s in samples]
+        model = DistillationModel(student, None, alpha=0.4, temperature=2.0, precomputed_teacher=True)
+    else:
+        model = DistillationModel(student, teacher, alpha=0.4, temperature=2.0, divergence='jsd')
+    loader = DataLoader(samples, batch_size=len(samples), collate_fn=collate_tokens)
     trainer = Trainer(model=model,
                       train_dataloader=token_data_spec(loader),
                       optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
@@ -56,6 +70,13 @@ def full_batch() -> dict[str, torch.Tensor]:
 def test_same_update_for_every_microbatch_size(full_batch: dict[str, torch.Tensor], microbatch: int) -> None:
     # 4 does not divide 6: the last microbatch is smaller, as Composer allows.
     assert _relative_update_difference(_one_step(microbatch), full_batch) <= 1e-6
+
+
+@pytest.mark.parametrize('microbatch', [1, 4])
+def test_same_update_with_a_precomputed_teacher(microbatch: int) -> None:
+    # The teacher's top-k tensors are split with the batch and padded like it.
+    full = _one_step(len(LENGTHS), precomputed=True)
+    assert _relative_update_difference(_one_step(microbatch, precomputed=True), full) <= 1e-6
 
 
 def test_sample_weighted_accumulation_would_differ(full_batch: dict[str, torch.Tensor]) -> None:

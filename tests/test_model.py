@@ -134,3 +134,20 @@ def test_chunked_language_metrics_equal_composers() -> None:
             theirs.update(logits, targets)
     for ours, theirs in pairs:
         assert ours.compute().item() == pytest.approx(theirs.compute().item(), rel=1e-6)
+
+
+def test_precomputed_teacher_comes_with_the_batch_only() -> None:
+    with pytest.raises(ValueError, match='pass teacher=None'):
+        DistillationModel(tiny_gpt2(), tiny_gpt2(seed=2), precomputed_teacher=True)
+    model = DistillationModel(tiny_gpt2(), None, alpha=0.5, precomputed_teacher=True)
+    assert set(model.get_metrics(is_train=False)) == {'LanguageCrossEntropy', 'LanguagePerplexity',
+                                                      'TeacherDivergenceLoss', 'TeacherTop1Agreement'}
+    model.train()
+    with pytest.raises(ValueError, match="needs batches with the teacher's top-k"):
+        model(_batch())
+    model.eval()
+    outputs = model.eval_forward(_batch())  # eval data without a teacher: the student's metrics still work
+    metrics = model.get_metrics(is_train=False)
+    model.update_metric(_batch(), outputs, metrics['LanguageCrossEntropy'])
+    with pytest.raises(ValueError, match='TeacherDivergenceLoss needs the teacher'):
+        model.update_metric(_batch(), outputs, metrics['TeacherDivergenceLoss'])

@@ -25,7 +25,8 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv('NOTEBOOK_OUT', str(tmp_path / 'notebook'))
     monkeypatch.setenv('MPLBACKEND', 'Agg')
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}})
+    client = NotebookClient(notebook, timeout=600, kernel_name='python3',
+                            resources={'metadata': {'path': str(tmp_path)}})
     client.execute()
     assert (tmp_path / 'notebook' / 'student' / 'config.json').is_file()
     assert os.path.isfile(tmp_path / 'quickstart' / 'results.json')

@@ -7,9 +7,12 @@ from composer.utils import FSDPConfig
 
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import check_run_config
-from composer_kd.run.config import load_config
+from composer_kd.run.config import load_config, load_precompute_config, read_yaml
+from composer_kd.run.precompute_settings import check_precompute_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
+ALL = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
+PRECOMPUTE = [p for p in ALL if 'precompute' in read_yaml(str(p))]
+RECIPES = [p for p in ALL if p not in PRECOMPUTE]
 
 
 def test_there_are_cpu_and_gpu_recipes() -> None:
@@ -36,3 +39,21 @@ def test_fsdp_config_typos_are_refused() -> None:
     cfg = load_config(str(gpu_recipe), ['fsdp_config.sharding_stratgy=FULL_SHARD'])
     with pytest.raises(ConfigError, match='unknown key fsdp_config.sharding_stratgy'):
         check_run_config(cfg, world_size=8, gpu=True)
+
+
+def test_there_are_precompute_recipes() -> None:
+    assert PRECOMPUTE and len(PRECOMPUTE) + len(RECIPES) == len(ALL)
+
+
+@pytest.mark.parametrize('recipe', PRECOMPUTE, ids=lambda p: p.name)
+def test_precompute_recipe_is_valid(recipe: Path) -> None:
+    cfg = load_precompute_config(str(recipe))
+    if cfg.get('precision', 'amp_bf16') == 'fp32':
+        for world_size in (1, 2):
+            check_precompute_config(cfg, world_size=world_size, gpu=False, fsdp_version='2')
+    else:
+        check_precompute_config(cfg, world_size=8, gpu=True)
+        with pytest.raises(ConfigError, match='needs a GPU'):
+            check_precompute_config(cfg, world_size=8, gpu=False)
+    if cfg.get('fsdp_config'):
+        FSDPConfig(**cfg['fsdp_config'])

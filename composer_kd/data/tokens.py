@@ -1,7 +1,8 @@
 """Token data: Streaming MDS shards with a ``tokens`` column → causal-LM batches and a token-exact ``DataSpec``.
 
 The shard layout is LLM Foundry's ``concat_tokens`` layout (``columns={'tokens': 'ndarray:int32'}``), so
-datasets its converters prepared work as they are.
+datasets its converters prepared work as they are. A dataset written by ``precompute-teacher`` adds the
+teacher's top-k columns (``teacher_topk.py``); its batches then carry them too.
 """
 
 import functools
@@ -14,6 +15,8 @@ from composer.core import DataSpec
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
+from composer_kd.data.teacher_topk import TEACHER_IDS, decode_teacher, pad_teacher
+
 __all__ = [
     'TokenDataset', 'batch_labels', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader'
 ]
@@ -24,15 +27,21 @@ TOKENS_COLUMN = 'tokens'
 class TokenDataset(StreamingDataset):
     """A ``StreamingDataset`` over MDS shards with a ``tokens`` column, truncated to ``max_seq_len``.
 
+    Samples of a precomputed teacher also give ``teacher_topk_ids`` ``(T, K)``, ``teacher_topk_logprobs``
+    ``(T, K)`` and ``teacher_rest_logprob`` ``(T,)`` at ``teacher_temperature``.
+
     Args:
         max_seq_len (int): tokens kept from each sample.
+        teacher_temperature (float): the temperature whose recorded rest mass a precomputed teacher's samples
+            give. Default: ``1.0``.
         **kwargs: passed to ``streaming.StreamingDataset`` (``local``, ``remote``, ``split``, ``shuffle``,
             ``batch_size``, ...).
     """
 
-    def __init__(self, max_seq_len: int, **kwargs: Any) -> None:
+    def __init__(self, max_seq_len: int, teacher_temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_seq_len = max_seq_len
+        self.teacher_temperature = teacher_temperature
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(index)
@@ -40,14 +49,17 @@ class TokenDataset(StreamingDataset):
             raise ValueError(f'MDS samples need a {TOKENS_COLUMN!r} column (ndarray of token ids); this dataset has '
                              f'{sorted(sample)}')
         tokens = np.asarray(sample[TOKENS_COLUMN])[:self.max_seq_len]
-        return {'input_ids': torch.from_numpy(tokens.astype(np.int64))}
+        item = {'input_ids': torch.from_numpy(tokens.astype(np.int64))}
+        teacher = decode_teacher(sample, self.max_seq_len, self.teacher_temperature)
+        return item if teacher is None else {**item, **teacher}
 
 
 def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pads ``input_ids`` to the longest sample: ``input_ids``, ``attention_mask`` and ``labels`` ``(B, T)``.
 
     Labels are the input ids with ``-100`` on padding. Masking by position (not by token value) keeps every
-    real EOS in the loss even when the pad token is the EOS token.
+    real EOS in the loss even when the pad token is the EOS token. A precomputed teacher's tensors are padded
+    alongside (``teacher_topk.pad_teacher``).
     """
     length = max(len(s['input_ids']) for s in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
@@ -57,7 +69,10 @@ def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: 
         input_ids[row, :len(ids)] = ids
         attention_mask[row, :len(ids)] = 1
     batch = {'input_ids': input_ids, 'attention_mask': attention_mask}
-    return {**batch, 'labels': batch_labels(batch)}
+    batch['labels'] = batch_labels(batch)
+    if TEACHER_IDS in samples[0]:
+        batch.update(pad_teacher(samples, length))
+    return batch
 
 
 def batch_labels(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -91,6 +106,7 @@ def token_data_spec(dataloader: DataLoader | Any) -> DataSpec:
 def build_token_dataloader(dataset: Mapping[str, Any],
                            batch_size: int,
                            pad_token_id: int,
+                           teacher_temperature: float = 1.0,
                            drop_last: bool = True,
                            num_workers: int = 0,
                            pin_memory: bool = False,
@@ -104,6 +120,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
             ``split``, ``shuffle``, ``shuffle_seed``, ...).
         batch_size (int): samples per device batch.
         pad_token_id (int): id used to pad short samples.
+        teacher_temperature (float): for a precomputed teacher, the temperature whose recorded rest mass the
+            batches carry. Default: ``1.0``.
         drop_last, num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: ``DataLoader`` args.
 
     Raises:
@@ -117,7 +135,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
         if not os.path.isfile(index):
             raise ValueError(f'no MDS dataset at local={local!r} split={split!r} (missing {index}); '
                              'make one with `composer-kd prepare-data`')
-    dset = TokenDataset(max_seq_len=max_seq_len, batch_size=batch_size, **kwargs)
+    dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
+                        **kwargs)
     if len(dset) == 0:
         raise ValueError(f'the MDS dataset at local={local!r} split={split!r} has no samples')
     workers = num_workers > 0

@@ -82,53 +82,49 @@ def teacher_buckets(logprobs: torch.Tensor, rest_logprob: Optional[torch.Tensor]
     return logprobs / temperature - log_norm[:, None], rest_weight - log_norm
 
 
-def _student_rest(q: torch.Tensor, q_topk: torch.Tensor) -> torch.Tensor:
-    """Σ of ``q`` over the ids outside the top-K, ``(C,)``: summed in float64, so a small rest survives the
-    subtraction exactly (it is the sum of the float32 probabilities outside the K ids)."""
-    rest = q.sum(dim=-1, dtype=torch.float64) - q_topk.sum(dim=-1, dtype=torch.float64)
-    return rest.to(q.dtype).clamp(min=0.0)
-
-
-def _closed_form_rows(alpha: float, temperature: float, vocab: int) -> RowsFn:
+def _closed_form_rows(alpha: float, temperature: float) -> RowsFn:
     """Forward KL over the buckets per row, with the gradient written out.
 
     With z the student logits, q = softmax(z), q_T = softmax(z/T), K the top ids, p_T the teacher's bucket
     probabilities and Q_rest = Σ_{v∉K} q_T(v):
 
-    * KL = Σ_K p_T(i)·(log p_T(i) − log q_T(i)) + P_rest·(log P_rest − log Q_rest);
+    * KL = [Σ_K p_T·log p_T + P_rest·log P_rest] − Σ_K p_T·log q_T − P_rest·log Q_rest (the bracket is the
+      teacher's, computed once for all rows);
     * d/dz_v [alpha·CE + (1−alpha)·T²·KL] = alpha·(q − onehot)_v + (1−alpha)·T·g_v with
       g_v = q_T(v) − p_T(v) for v ∈ K and g_v = q_T(v)·(1 − P_rest / Q_rest) for the rest.
+
+    Q_rest is summed over the rest's own entries (the K entries zeroed in place), never as 1 − Σ_K q_T, so
+    it stays exact when the student puts almost nothing there, and q_T(v) / Q_rest ≤ 1 keeps the rest's
+    gradient bounded by P_rest.
+
+    Teacher rows: ids ``(C, K)``, p_T ``(C, K)``, the bracket ``(C,)``, and P_rest ``(C,)`` when K < V.
     """
 
     def rows(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...], targets: torch.Tensor,
              needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        ids, logprobs, rest_logprob = _unpack(teacher_rows, student.dtype)
-        has_rest = ids.shape[1] < vocab
+        ids, p_topk, teacher_neg_entropy = teacher_rows[:3]
         log_q = F.log_softmax(student, dim=-1)
         ce = -log_q.gather(1, targets[:, None]).squeeze(1)
         log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
         log_q_topk = log_q_t.gather(1, ids)  # (C, K)
-        log_p_topk, log_p_rest = teacher_buckets(logprobs, rest_logprob, temperature, has_rest)
-        p_topk = log_p_topk.exp()
-        kd = torch.where(p_topk > 0, p_topk * (log_p_topk - log_q_topk), 0.0).sum(dim=-1)
+        kd = teacher_neg_entropy - torch.linalg.vecdot(p_topk, log_q_topk)
+        q_topk = log_q_topk.exp()
         q_t = log_q_t.exp_()  # log_q_t is not needed past this point (log_q may be the same buffer)
-        rest_factor = torch.ones_like(ce)
-        if has_rest:
-            q_rest = _student_rest(q_t, q_t.gather(1, ids))
-            p_rest = log_p_rest.exp()
-            log_q_rest = q_rest.clamp(min=_TINY).log()
-            kd = kd + torch.where(p_rest > 0, p_rest * (log_p_rest - log_q_rest), 0.0)
-            rest_factor = 1.0 - p_rest / q_rest.clamp(min=_TINY)
+        rest_factor = 1.0
+        if len(teacher_rows) > 3:  # a rest bucket: K < V
+            p_rest = teacher_rows[3]
+            q_rest = q_t.scatter_(1, ids, 0.0).sum(dim=-1).clamp_(min=_TINY)  # q_t: the rest's entries only now
+            kd = kd - p_rest * q_rest.log()
+            rest_factor = (1.0 - p_rest / q_rest)[:, None]
         if not needs_grad:
             return ce, kd, None
-        q_topk = q_t.gather(1, ids)
         if temperature == 1.0:  # q_t is q: one buffer, alpha·q + (1−alpha)·g
-            grad = q_t.mul_((alpha + (1.0 - alpha) * rest_factor)[:, None])
+            grad = q_t.mul_(alpha + (1.0 - alpha) * rest_factor)
             grad.scatter_(1, ids, q_topk - (1.0 - alpha) * p_topk)
         else:
             q = log_q.exp()
             scale = (1.0 - alpha) * temperature
-            grad = q_t.mul_((scale * rest_factor)[:, None]).add_(q, alpha=alpha)
+            grad = q_t.mul_(scale * rest_factor).add_(q, alpha=alpha)
             grad.scatter_(1, ids, scale * (q_topk - p_topk) + alpha * q.gather(1, ids))
         grad.scatter_add_(1, targets[:, None], grad.new_full((targets.numel(), 1), -alpha))
         return ce, kd, grad
@@ -137,36 +133,26 @@ def _closed_form_rows(alpha: float, temperature: float, vocab: int) -> RowsFn:
 
 
 def _divergence_values(
-        temperature: float, divergence: str, params: dict[str, float], vocab: int
+        temperature: float, divergence: str, params: dict[str, float]
 ) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Per-row CE and bucket divergence of one chunk, differentiable by autograd."""
     divergence_fn = DIVERGENCES[divergence][0]
 
     def values(student: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...],
                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, logprobs, rest_logprob = _unpack(teacher_rows, student.dtype)
-        has_rest = ids.shape[1] < vocab
+        ids, log_p_topk = teacher_rows[0], teacher_rows[1]
         log_q = F.log_softmax(student, dim=-1)
         ce = -log_q.gather(1, targets[:, None]).squeeze(1)
         log_q_t = log_q if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
         log_q_topk = log_q_t.gather(1, ids)
-        log_p_topk, log_p_rest = teacher_buckets(logprobs, rest_logprob, temperature, has_rest)
-        if not has_rest:
+        if len(teacher_rows) == 2:  # K = V: no rest bucket
             return ce, divergence_fn(log_p_topk, log_q_topk, **params)
-        q_t = log_q_t.exp()
-        log_q_rest = _student_rest(q_t, q_t.gather(1, ids)).clamp(min=_TINY).log()
-        p_log = torch.cat([log_p_topk, log_p_rest[:, None]], dim=1)  # (C, K + 1)
-        q_log = torch.cat([log_q_topk, log_q_rest[:, None]], dim=1)
+        q_rest = log_q_t.exp().scatter(1, ids, 0.0).sum(dim=-1)  # the rest's own entries (see the closed form)
+        p_log = torch.cat([log_p_topk, teacher_rows[2][:, None]], dim=1)  # (C, K + 1)
+        q_log = torch.cat([log_q_topk, q_rest.clamp(min=_TINY).log()[:, None]], dim=1)
         return ce, divergence_fn(p_log, q_log, **params)
 
     return values
-
-
-def _unpack(teacher_rows: tuple[torch.Tensor, ...],
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    ids, logprobs = teacher_rows[0], teacher_rows[1].to(dtype)
-    rest = teacher_rows[2].to(dtype) if len(teacher_rows) > 2 else None
-    return ids, logprobs, rest
 
 
 def topk_distillation_loss(
@@ -232,13 +218,23 @@ def topk_distillation_loss(
     K = teacher_topk_ids.shape[2]
     mask = scored_positions(labels, ignore_index, shift_labels)
     targets = shifted_targets(labels, mask, shift_labels)
-    teacher = (teacher_topk_ids.reshape(-1, K).long(), teacher_topk_logprobs.reshape(-1, K))
-    if teacher_rest_logprob is not None:
-        teacher += (teacher_rest_logprob.reshape(-1),)
+    # The teacher's buckets are (B·T, K)-sized: built for every row at once, outside the chunk loop.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    rest = teacher_rest_logprob.reshape(-1).to(dtype) if teacher_rest_logprob is not None else None
+    log_p_topk, log_p_rest = teacher_buckets(teacher_topk_logprobs.reshape(-1, K).to(dtype), rest, temperature,
+                                             has_rest=K < V)
+    ids = teacher_topk_ids.reshape(-1, K).long()
     if divergence == 'forward_kl':
-        rows_fn = _closed_form_rows(alpha, temperature, V)
+        p_topk = log_p_topk.exp()
+        neg_entropy = torch.xlogy(p_topk, p_topk).sum(dim=-1)  # Σ p·log p, 0·log 0 = 0
+        teacher: tuple[torch.Tensor, ...] = (ids, p_topk, neg_entropy)
+        if log_p_rest is not None:
+            p_rest = log_p_rest.exp()
+            teacher = (ids, p_topk, neg_entropy + torch.xlogy(p_rest, p_rest), p_rest)
+        rows_fn = _closed_form_rows(alpha, temperature)
     else:
-        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params, V), alpha, temperature)
+        teacher = (ids, log_p_topk) if log_p_rest is None else (ids, log_p_topk, log_p_rest)
+        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
     total, ce, kd = chunked_loss_sums(student_logits, teacher, rows_fn, mask.flatten(), targets.flatten(),
                                       mask.sum().clamp(min=1), alpha, temperature, chunk_elements)
     return {'total': total, 'ce': ce, 'kd': kd}

@@ -7,8 +7,9 @@ from composer.models import HuggingFaceModel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from composer_kd.data.teacher_topk import topk_teacher_from_batch
 from composer_kd.data.tokens import batch_labels
-from composer_kd.losses import check_distillation_args, distillation_loss
+from composer_kd.losses import TopKTeacher, check_distillation_args, distillation_loss, topk_distillation_loss
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.metrics import (
     ChunkedLanguageCrossEntropy,
@@ -37,6 +38,9 @@ class DistillationModel(HuggingFaceModel):
 
     Logits are cut to ``len(tokenizer)`` before the loss and metrics, which reconciles padded embeddings.
 
+    With ``precomputed_teacher=True`` there is no teacher model: the batches carry the teacher's top-k
+    (a dataset written by ``composer-kd precompute-teacher``) and the loss is ``topk_distillation_loss``.
+
     Args:
         student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
         teacher (PreTrainedModel, optional): the frozen causal LM; ``None`` is plain LM training (needs
@@ -45,6 +49,8 @@ class DistillationModel(HuggingFaceModel):
         alpha (float): weight of cross-entropy on the labels. Default: ``0.5``.
         temperature (float): softmax temperature of the divergence. Default: ``1.0``.
         divergence (str): see ``composer_kd.distillation_loss``. Default: ``'forward_kl'``.
+        precomputed_teacher (bool): the teacher comes with the batches (``teacher_topk_ids``,
+            ``teacher_topk_logprobs``, ``teacher_rest_logprob``); ``teacher`` must be ``None``. Default: ``False``.
         **divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew divergences).
 
     Example:
@@ -60,9 +66,12 @@ class DistillationModel(HuggingFaceModel):
                  alpha: float = 0.5,
                  temperature: float = 1.0,
                  divergence: str = 'forward_kl',
+                 precomputed_teacher: bool = False,
                  **divergence_kwargs: float) -> None:
         resolved_kwargs = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
-        if teacher is None and alpha != 1.0:
+        if precomputed_teacher and teacher is not None:
+            raise ValueError('precomputed_teacher=True takes the teacher from the batches; pass teacher=None')
+        if teacher is None and not precomputed_teacher and alpha != 1.0:
             raise ValueError(f'a DistillationModel without a teacher trains on labels alone and needs alpha=1, '
                              f'got alpha={alpha!r}')
         vocab_size = shared_vocab_size(student, teacher, tokenizer)
@@ -70,10 +79,11 @@ class DistillationModel(HuggingFaceModel):
         # Composer's names (what LLM Foundry users monitor) on the chunked implementations.
         self.train_metrics = _language_metrics()
         self.val_metrics = _language_metrics()
-        if teacher is not None:
+        if teacher is not None or precomputed_teacher:
             self.val_metrics['TeacherDivergenceLoss'] = TeacherDivergenceLoss(divergence, temperature, resolved_kwargs)
             self.val_metrics['TeacherTop1Agreement'] = TeacherTop1Agreement()
         self.teacher = teacher
+        self.precomputed_teacher = precomputed_teacher
         self.vocab_size = vocab_size
         self.alpha = float(alpha)
         self.temperature = float(temperature)
@@ -98,30 +108,37 @@ class DistillationModel(HuggingFaceModel):
             return logits
         return logits[..., :self.vocab_size]
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Optional[torch.Tensor]]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         inputs = {'input_ids': batch['input_ids'], 'attention_mask': batch.get('attention_mask'), 'use_cache': False}
         student_logits = self.model(**inputs).logits
-        teacher_logits = None
+        teacher_logits, teacher_topk = None, None
+        if self.precomputed_teacher:
+            teacher_topk = topk_teacher_from_batch(batch)
+            if teacher_topk is None and self.model.training and self.alpha < 1.0:
+                raise ValueError('precomputed_teacher=True needs batches with the teacher\'s top-k '
+                                 '(teacher_topk_ids, ...): train on a dataset written by precompute-teacher')
         # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
         # Either way the decision is the same on every rank, which FSDP needs.
-        if self.teacher is not None and (self.alpha < 1.0 or not self.model.training):
+        elif self.teacher is not None and (self.alpha < 1.0 or not self.model.training):
             with torch.no_grad():
                 teacher_logits = self.teacher(**inputs).logits
-        return {'logits': student_logits, 'teacher_logits': teacher_logits}
+        return {'logits': student_logits, 'teacher_logits': teacher_logits, 'teacher_topk': teacher_topk}
 
-    def loss(self, outputs: dict[str, Optional[torch.Tensor]], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
 
         The loss takes its gradient during this call, so the teacher's ``(B, T, V)`` logits — the largest
         tensor of the step — are no longer needed, and Composer would otherwise hold them through backward.
         """
-        losses = distillation_loss(self._cut(outputs['logits']),
-                                   self._cut(outputs['teacher_logits']),
-                                   batch_labels(batch),
-                                   alpha=self.alpha,
-                                   temperature=self.temperature,
-                                   divergence=self.divergence,
-                                   **self.divergence_kwargs)
+        settings = {'alpha': self.alpha, 'temperature': self.temperature, 'divergence': self.divergence,
+                    **self.divergence_kwargs}
+        topk: Optional[TopKTeacher] = outputs.get('teacher_topk')
+        if topk is not None:
+            losses = topk_distillation_loss(self._cut(outputs['logits']), topk.ids, topk.logprobs, batch_labels(batch),
+                                            teacher_rest_logprob=topk.rest_logprob, **settings)
+        else:
+            losses = distillation_loss(self._cut(outputs['logits']), self._cut(outputs['teacher_logits']),
+                                       batch_labels(batch), **settings)
         outputs['teacher_logits'] = None
         # Composer backpropagates 'total' and logs every key as loss/train/<key>.
         return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
@@ -136,7 +153,11 @@ class DistillationModel(HuggingFaceModel):
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         student_logits = self._cut(outputs['logits'])
         if isinstance(metric, (TeacherDivergenceLoss, TeacherTop1Agreement)):
-            metric.update(student_logits, self._cut(outputs['teacher_logits']), targets)
+            teacher = outputs.get('teacher_topk') if self.precomputed_teacher else self._cut(outputs['teacher_logits'])
+            if teacher is None:
+                raise ValueError(f'{type(metric).__name__} needs the teacher: evaluate on data precomputed by the '
+                                 'same teacher (precompute-teacher), or leave the teacher metrics out')
+            metric.update(student_logits, teacher, targets)
         else:
             metric.update(student_logits, targets)
 

@@ -10,23 +10,31 @@ contains "loss", so ``TeacherDivergenceLoss`` is minimised and ``TeacherTop1Agre
 ``comp`` argument.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from torchmetrics import Metric
 
-from composer_kd.losses.dense import distillation_loss
+from composer_kd.losses import TopKTeacher, distillation_loss, topk_distillation_loss
 
 __all__ = ['ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss', 'TeacherTop1Agreement']
 
 
-def _token_sums(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor,
-                ignore_index: int, **loss_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Teacher = Union[torch.Tensor, TopKTeacher]  # dense logits (B, T, V), or a precomputed top-k teacher
+
+
+def _token_sums(student_logits: torch.Tensor, teacher: Optional[Teacher], targets: torch.Tensor, ignore_index: int,
+                **loss_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE sum, divergence sum, token count) over targets ``(B, T)`` already aligned with the logits."""
     with torch.no_grad():
-        out = distillation_loss(student_logits, teacher_logits, targets, shift_labels=False, ignore_index=ignore_index,
-                                **loss_kwargs)
+        if isinstance(teacher, TopKTeacher):
+            out = topk_distillation_loss(student_logits, teacher.ids, teacher.logprobs, targets, shift_labels=False,
+                                         ignore_index=ignore_index, teacher_rest_logprob=teacher.rest_logprob,
+                                         **loss_kwargs)
+        else:
+            out = distillation_loss(student_logits, teacher, targets, shift_labels=False, ignore_index=ignore_index,
+                                    **loss_kwargs)
     count = (targets != ignore_index).sum()
     return out['ce'] * count, out['kd'] * count, count
 
@@ -53,7 +61,8 @@ class ChunkedLanguagePerplexity(_ChunkedCrossEntropyUpdate, LanguagePerplexity):
 class _TeacherTokenMetric(Metric):
     """Mean of a per-token teacher–student quantity over targets that are not ``ignore_index``.
 
-    ``update`` takes student and teacher logits ``(B, T, V)`` and targets ``(B, T)`` aligned with them.
+    ``update`` takes student logits ``(B, T, V)``, the teacher (dense logits ``(B, T, V)`` or a ``TopKTeacher``)
+    and targets ``(B, T)`` aligned with them.
     """
 
     full_state_update = False
@@ -69,7 +78,8 @@ class _TeacherTokenMetric(Metric):
 
 
 class TeacherDivergenceLoss(_TeacherTokenMetric):
-    """Per-token divergence D(teacher‖student) at the distillation temperature (the unscaled ``kd`` term).
+    """Per-token divergence D(teacher‖student) at the distillation temperature (the unscaled ``kd`` term; over
+    the top-k buckets for a precomputed teacher).
 
     Args:
         divergence (str): a name from :data:`composer_kd.divergences.DIVERGENCES`. Default: ``'forward_kl'``.
@@ -88,17 +98,19 @@ class TeacherDivergenceLoss(_TeacherTokenMetric):
         self.loss_kwargs = {'alpha': 0.0, 'temperature': temperature, 'divergence': divergence,
                             **(divergence_kwargs or {})}
 
-    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        _, kd_sum, count = _token_sums(student_logits, teacher_logits, targets, self.ignore_index, **self.loss_kwargs)
+    def update(self, student_logits: torch.Tensor, teacher: Teacher, targets: torch.Tensor) -> None:
+        _, kd_sum, count = _token_sums(student_logits, teacher, targets, self.ignore_index, **self.loss_kwargs)
         self.sum += kd_sum.to(torch.float64)
         self.count += count
 
 
 class TeacherTop1Agreement(_TeacherTokenMetric):
-    """Fraction of scored tokens where the student's argmax equals the teacher's argmax."""
+    """Fraction of scored tokens where the student's argmax equals the teacher's argmax (the first top-k id of
+    a precomputed teacher)."""
 
-    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, student_logits: torch.Tensor, teacher: Teacher, targets: torch.Tensor) -> None:
         mask = targets != self.ignore_index
-        agree = student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)
+        teacher_top1 = teacher.ids[..., 0] if isinstance(teacher, TopKTeacher) else teacher.argmax(dim=-1)
+        agree = student_logits.argmax(dim=-1) == teacher_top1
         self.sum += (agree & mask).sum().to(torch.float64)
         self.count += mask.sum()

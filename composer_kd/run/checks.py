@@ -10,7 +10,10 @@ from composer_kd.errors import ConfigError
 from composer_kd.losses import check_distillation_args
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
-__all__ = ['BatchSizes', 'check_run_config', 'run_precision', 'eval_metric_names', 'METRIC_DIRECTIONS']
+__all__ = [
+    'BatchSizes', 'check_fsdp', 'check_precision', 'check_run_config', 'run_precision', 'eval_metric_names',
+    'METRIC_DIRECTIONS'
+]
 
 # The better direction of each metric the model reports. Composer's EarlyStopper guesses from the name and gets
 # LanguageCrossEntropy wrong (it would treat a rising CE as an improvement), so the builder fills in `comp`.
@@ -63,7 +66,8 @@ def _batch_sizes(cfg: Mapping[str, Any], world_size: int, gpu: bool) -> BatchSiz
     return device_batch, microbatch, _positive_int(cfg, 'device_eval_batch_size', default_eval)
 
 
-def _check_fsdp(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None) -> None:
+def check_fsdp(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None) -> None:
+    """Refuses unknown ``fsdp_config`` keys and FSDP1 without CUDA."""
     fsdp_config = cfg.get('fsdp_config')
     if fsdp_config is None:
         return
@@ -97,6 +101,16 @@ def run_precision(cfg: Mapping[str, Any], gpu: bool) -> str:
     return cfg.get('precision', 'amp_bf16' if gpu else 'fp32')
 
 
+def check_precision(cfg: Mapping[str, Any], gpu: bool) -> str:
+    """The run's precision, refused if unknown or if it needs a GPU this machine lacks."""
+    precision = run_precision(cfg, gpu)
+    if precision not in _PRECISIONS:
+        raise ConfigError(f'precision={precision!r}: use one of {list(_PRECISIONS)}')
+    if not gpu and precision != 'fp32':
+        raise ConfigError(f'precision={precision!r} needs a GPU; this machine has none, use precision: fp32')
+    return precision
+
+
 def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: str | None = None) -> BatchSizes:
     """Checks every value that can be checked without loading anything; returns the device batch sizes.
 
@@ -109,15 +123,11 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     Raises:
         ConfigError: naming the key and the value.
     """
-    precision = run_precision(cfg, gpu)
-    if precision not in _PRECISIONS:
-        raise ConfigError(f'precision={precision!r}: use one of {list(_PRECISIONS)}')
-    if not gpu and precision != 'fp32':
-        raise ConfigError(f'precision={precision!r} needs a GPU; this machine has none, use precision: fp32')
+    check_precision(cfg, gpu)
     if cfg.get('autoresume') and not cfg.get('run_name'):
         raise ConfigError('autoresume: true needs a run_name (it names the run whose checkpoints are resumed)')
     sizes = _batch_sizes(cfg, world_size, gpu)
-    _check_fsdp(cfg, world_size, gpu, fsdp_version)
+    check_fsdp(cfg, world_size, gpu, fsdp_version)
 
     distillation = dict(cfg['model'].get('distillation') or {})
     alpha = distillation.pop('alpha', 1.0 if cfg['model'].get('teacher') is None else 0.5)

@@ -1,8 +1,10 @@
-"""YAML run configs: OmegaConf loading with ``variables``, interpolation and dot-list overrides, and a schema
-check that rejects unknown or missing keys by name before anything is built.
+"""YAML configs of ``train`` and ``precompute-teacher``: OmegaConf loading with ``variables``, interpolation
+and dot-list overrides, and a schema check that rejects unknown or missing keys by name before anything is
+built.
 
 The layout follows LLM Foundry's ``TrainConfig`` wherever it has one; distillation settings live under
-``model:`` so a Foundry user reads the file without surprises.
+``model:`` so a Foundry user reads the file without surprises. A precompute config shares ``variables``,
+``model.teacher``, ``tokenizer``, ``precision`` and ``fsdp_config`` with run configs and adds ``precompute:``.
 """
 
 import os
@@ -13,7 +15,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_kd.errors import ConfigError
 
-__all__ = ['load_config', 'validate_config', 'TOP_LEVEL_KEYS', 'REQUIRED_KEYS']
+__all__ = [
+    'load_config', 'load_precompute_config', 'read_yaml', 'validate_config', 'validate_precompute_config',
+    'TOP_LEVEL_KEYS', 'REQUIRED_KEYS'
+]
 
 REQUIRED_KEYS = ('model', 'tokenizer', 'train_loader', 'optimizer', 'max_duration', 'global_train_batch_size')
 
@@ -35,7 +40,7 @@ HF_MODEL_KEYS = frozenset({
 _SECTIONS: dict[str, frozenset[str]] = {
     'model': frozenset({'student', 'teacher', 'distillation'}),
     'model.student': HF_MODEL_KEYS,
-    'model.teacher': HF_MODEL_KEYS,
+    'model.teacher': HF_MODEL_KEYS | {'precomputed'},
     'model.distillation': frozenset({'alpha', 'temperature', 'divergence', 'beta', 'lam'}),
     'tokenizer': frozenset({'name', 'kwargs'}),
     'train_loader': frozenset({
@@ -62,12 +67,56 @@ _REQUIRED_IN: dict[str, tuple[str, ...]] = {
 }
 
 
+PRECOMPUTE_REQUIRED_KEYS = ('model', 'tokenizer', 'precompute')
+PRECOMPUTE_TOP_LEVEL_KEYS = frozenset(PRECOMPUTE_REQUIRED_KEYS) | {
+    'variables', 'run_name', 'seed', 'precision', 'fsdp_config', 'dist_timeout', 'python_log_level'
+}
+_PRECOMPUTE_SECTIONS: dict[str, frozenset[str]] = {
+    'model': frozenset({'teacher'}),
+    'model.teacher': HF_MODEL_KEYS,
+    'tokenizer': _SECTIONS['tokenizer'],
+    'precompute': frozenset({
+        'dataset', 'out', 'top_k', 'logprobs', 'device_batch_size', 'temperatures', 'samples_per_part', 'progress_bar'
+    }),
+    'precompute.dataset': frozenset({
+        'local', 'remote', 'split', 'max_seq_len', 'download_retry', 'download_timeout', 'validate_hash', 'keep_zip',
+        'predownload', 'cache_limit'
+    }),
+    'precompute.out': frozenset({'local', 'remote', 'compression'}),
+}
+_PRECOMPUTE_REQUIRED_IN: dict[str, tuple[str, ...]] = {
+    'model': ('teacher',),
+    'tokenizer': ('name',),
+    'precompute': ('dataset', 'out', 'top_k'),
+    'precompute.dataset': ('max_seq_len',),
+    'precompute.out': ('local',),
+}
+
+
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Reads a YAML run config, applies ``key=value`` overrides, resolves interpolation and validates it.
 
     Raises:
         ConfigError: for a missing or unreadable file, a malformed override, a failed interpolation, or
             any schema violation (see ``validate_config``).
+    """
+    resolved = read_yaml(path, overrides)
+    validate_config(resolved)
+    return resolved
+
+
+def load_precompute_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``load_config`` for ``precompute-teacher``: the schema of ``validate_precompute_config``."""
+    resolved = read_yaml(path, overrides)
+    validate_precompute_config(resolved)
+    return resolved
+
+
+def read_yaml(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config with ``key=value`` overrides applied and ``${variables.x}`` resolved; ``variables`` dropped.
+
+    Raises:
+        ConfigError: for a missing or unreadable file, a malformed override or a failed interpolation.
     """
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
@@ -90,21 +139,39 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[
     if not isinstance(resolved, dict):
         raise ConfigError(f'{path}: a run config must be a mapping of keys, got {type(resolved).__name__}')
     resolved.pop('variables', None)
-    validate_config(resolved)
     return resolved
 
 
-def _check_section(name: str, value: Any) -> None:
+def _check_section(name: str, value: Any, sections: Mapping[str, frozenset[str]] = _SECTIONS,
+                   required: Mapping[str, tuple[str, ...]] = _REQUIRED_IN) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError(f'{name} must be a mapping, got {value!r}')
-    allowed = _SECTIONS.get(name)
+    allowed = sections.get(name)
     if allowed is not None:
         unknown = sorted(set(value) - allowed)
         if unknown:
             raise ConfigError(f'unknown key {name}.{unknown[0]}; allowed in {name}: {sorted(allowed)}')
-    for key in _REQUIRED_IN.get(name, ()):
+    for key in required.get(name, ()):
         if value.get(key) is None:
             raise ConfigError(f'missing required key {name}.{key}')
+
+
+def _check_top_level(cfg: Mapping[str, Any], allowed: frozenset[str], required: tuple[str, ...]) -> None:
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f'unknown top-level key {unknown[0]!r}; put free values under `variables:` '
+                          f'(allowed keys: {sorted(allowed)})')
+    for key in required:
+        if cfg.get(key) is None:
+            raise ConfigError(f'missing required key {key!r}')
+
+
+def _check_precomputed_teacher(teacher: Mapping[str, Any]) -> None:
+    """``model.teacher.precomputed`` is ``true`` or absent (its other keys, if any, name the teacher the data
+    must have been precomputed from)."""
+    if 'precomputed' in teacher and teacher['precomputed'] is not True:
+        raise ConfigError(f'model.teacher.precomputed must be true (leave it out for a teacher model), got '
+                          f'{teacher["precomputed"]!r}')
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
@@ -112,13 +179,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
 
     Values are checked where the objects are built (``composer_kd.train``), each error naming its key.
     """
-    unknown = sorted(set(cfg) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f'unknown top-level key {unknown[0]!r}; put free values under `variables:` '
-                          f'(allowed keys: {sorted(TOP_LEVEL_KEYS)})')
-    for key in REQUIRED_KEYS:
-        if cfg.get(key) is None:
-            raise ConfigError(f'missing required key {key!r}')
+    _check_top_level(cfg, TOP_LEVEL_KEYS, REQUIRED_KEYS)
     for section in ('model', 'tokenizer', 'train_loader', 'eval_loader', 'optimizer', 'scheduler'):
         if cfg.get(section) is not None:
             _check_section(section, cfg[section])
@@ -126,6 +187,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         value = cfg['model'].get(section.split('.')[1])
         if value is not None:
             _check_section(section, value)
+    if cfg['model'].get('teacher') is not None:
+        _check_precomputed_teacher(cfg['model']['teacher'])
     for loader in ('train_loader', 'eval_loader'):
         if cfg.get(loader) is not None:
             _check_section(f'{loader}.dataset', cfg[loader]['dataset'])
@@ -133,3 +196,16 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         value = cfg.get(section)
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError(f'{section} must be a mapping of name -> arguments, got {value!r}')
+
+
+def validate_precompute_config(cfg: Mapping[str, Any]) -> None:
+    """Checks the structure of a resolved ``precompute-teacher`` config (values: ``run.precompute_checks``)."""
+    _check_top_level(cfg, PRECOMPUTE_TOP_LEVEL_KEYS, PRECOMPUTE_REQUIRED_KEYS)
+    for section in ('model', 'tokenizer', 'precompute'):
+        _check_section(section, cfg[section], _PRECOMPUTE_SECTIONS, _PRECOMPUTE_REQUIRED_IN)
+    _check_section('model.teacher', cfg['model']['teacher'], _PRECOMPUTE_SECTIONS, _PRECOMPUTE_REQUIRED_IN)
+    for section in ('dataset', 'out'):
+        _check_section(f'precompute.{section}', cfg['precompute'][section], _PRECOMPUTE_SECTIONS,
+                       _PRECOMPUTE_REQUIRED_IN)
+    if cfg.get('fsdp_config') is not None and not isinstance(cfg['fsdp_config'], Mapping):
+        raise ConfigError(f'fsdp_config must be a mapping of FSDP settings, got {cfg["fsdp_config"]!r}')

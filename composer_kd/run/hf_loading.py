@@ -11,7 +11,9 @@ from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
 
-__all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model']
+__all__ = [
+    'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer'
+]
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
 
@@ -19,6 +21,12 @@ _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'to
 def _looks_local(name: str) -> bool:
     """True for names that can only be a local folder (a hub id is ``name`` or ``org/name``)."""
     return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or os.sep != '/' and os.sep in name
+
+
+def check_model_source(key: str, cfg: Mapping[str, Any]) -> None:
+    """Refuses a ``pretrained_model_name_or_path`` that names a local folder that is not there (no loading)."""
+    if cfg.get('pretrained_model_name_or_path') is not None:
+        _check_source(f'{key}.pretrained_model_name_or_path', cfg['pretrained_model_name_or_path'])
 
 
 def _check_source(key: str, name: Any) -> str:
@@ -84,21 +92,30 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
     return model
 
 
+def check_model_tokenizer(key: str, cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuses a model folder that ships a tokenizer mapping any token to another id than the run's."""
+    source = cfg.get('pretrained_model_name_or_path')
+    if source is not None and any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+        try:
+            check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(source), key)
+        except ValueError as e:
+            raise ConfigError(f'{key}: {e}') from e
+
+
 def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> DistillationModel:
-    """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher, loss settings)."""
+    """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher, loss settings); a
+    precomputed teacher (``teacher: {precomputed: true}``) loads no teacher model."""
     distillation = dict(cfg.get('distillation') or {})
+    precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
     if cfg.get('teacher') is None:
         distillation.setdefault('alpha', 1.0)
+    for key in ('student', 'teacher'):  # cheap, so before the models load
+        check_model_tokenizer(f'model.{key}', cfg.get(key) or {}, tokenizer)
     student = build_causal_lm('model.student', cfg['student'])
-    teacher = build_causal_lm('model.teacher', cfg['teacher']) if cfg.get('teacher') is not None else None
-    for key in ('student', 'teacher'):
-        source = (cfg.get(key) or {}).get('pretrained_model_name_or_path')
-        if source is not None and any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
-            try:  # a model folder that ships its own tokenizer must agree with the run's
-                check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(source), f'model.{key}')
-            except ValueError as e:
-                raise ConfigError(f'model.{key}: {e}') from e
+    teacher = None
+    if cfg.get('teacher') is not None and not precomputed:
+        teacher = build_causal_lm('model.teacher', cfg['teacher'])
     try:
-        return DistillationModel(student, teacher, tokenizer, **distillation)
+        return DistillationModel(student, teacher, tokenizer, precomputed_teacher=precomputed, **distillation)
     except ValueError as e:
         raise ConfigError(f'model: {e}') from e

@@ -14,6 +14,12 @@ from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
 from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer
+from composer_kd.run.precomputed_data import (
+    check_precomputed_data,
+    check_precomputed_tokenizer,
+    distillation_temperature,
+    is_precomputed,
+)
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
 
 __all__ = ['build_trainer', 'train']
@@ -68,19 +74,28 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     device = 'gpu' if gpu else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    precomputed = is_precomputed(cfg)
+    train_teacher, eval_teacher = check_precomputed_data(cfg) if precomputed else (None, None)
     parallelism_config = _parallelism(cfg, world_size)
     seed = cfg.get('seed', 17)
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
     reproducibility.seed_all(seed)  # the same fresh-model init on every rank
 
     tokenizer = build_tokenizer(cfg['tokenizer'])
+    for key, meta in (('train_loader.dataset', train_teacher), ('eval_loader.dataset', eval_teacher)):
+        if meta is not None:
+            check_precomputed_tokenizer(key, meta, tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # A precomputed teacher's batches carry its rest mass at the distillation temperature (checked: recorded).
+    teacher_temperature = distillation_temperature(cfg) if precomputed else 1.0
 
     def loader(section: str, batch_size: int) -> Any:
         loader_cfg = {k: v for k, v in cfg[section].items() if k != 'name'}
         dataset = loader_cfg.pop('dataset')
         try:
-            return build_token_dataloader(dataset, batch_size, pad_token_id, **loader_cfg)
+            return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
+                                          **loader_cfg)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise ConfigError(f'{section}: {str(e).splitlines()[0]}') from e
 
@@ -96,6 +111,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     loggers = [construct('loggers', LOGGERS, n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
     callbacks = _callbacks(cfg)
     metric_names = list(model.get_metrics(is_train=False))
+    if precomputed and eval_teacher is None:  # eval data without the teacher: its metrics cannot be computed
+        metric_names = [name for name in metric_names if not name.startswith('Teacher')]
     evaluators = Evaluator(label='eval', dataloader=eval_spec, metric_names=metric_names) if eval_spec else None
 
     trainer_kwargs = {k: cfg[k] for k in _TRAINER_PASSTHROUGH if k in cfg}

@@ -1,0 +1,95 @@
+"""A frozen teacher as a Composer model whose forward returns its top-k next tokens, for ``Trainer.predict``.
+
+Shapes: B batch, T sequence length, V vocabulary (``len(tokenizer)``; padded embedding rows are cut), K entries
+kept, M recorded temperatures, C rows of one chunk.
+
+The teacher's logits ``(B, T, V)`` are reduced chunk by chunk of rows: each chunk is upcast to float32,
+log-softmaxed, its top-K taken and its rest mass computed for every temperature, so no float32
+``(B·T, V)`` copy exists and the teacher's forward dominates the cost.
+"""
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from transformers import PreTrainedModel
+
+from composer_kd.losses.chunked import default_chunk_elements
+from composer_kd.model.fsdp import prepare_for_fsdp
+
+__all__ = ['TeacherTopKModel', 'topk_logprobs']
+
+
+def topk_logprobs(logits: torch.Tensor,
+                  k: int,
+                  temperatures: Sequence[float],
+                  vocab_size: int | None = None,
+                  chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-K of ``log_softmax(logits)`` and the log rest mass at each temperature.
+
+    Args:
+        logits (Tensor): ``(N, V')`` in any float dtype; columns past ``vocab_size`` are ignored.
+        k (int): entries kept per row.
+        temperatures (Sequence[float]): M temperatures; the rest mass at T is that of ``softmax(logits / T)``
+            outside the K ids (the ids are the top-K at T = 1, which are the top-K at every T).
+        vocab_size (int, optional): V, the columns that are real tokens. Default: all of them.
+        chunk_elements (int, optional): rows × V upcast at a time. Default: as the loss.
+
+    Returns:
+        ids ``(N, K)`` int64 (most likely first), log-probs ``(N, K)`` float32 at T = 1, rest ``(N, M)`` float32
+        (−inf when K = V).
+    """
+    n, vocab = logits.shape[0], vocab_size or logits.shape[1]
+    chunk = max(1, (chunk_elements or default_chunk_elements(logits.device)) // vocab)
+    ids = torch.empty(n, k, dtype=torch.long, device=logits.device)
+    values = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    rest = torch.empty(n, len(temperatures), dtype=torch.float32, device=logits.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        scaled = logits[rows, :vocab].float()
+        log_p = F.log_softmax(scaled, dim=-1)
+        values[rows], ids[rows] = log_p.topk(k, dim=-1)
+        outside = torch.ones_like(log_p, dtype=torch.bool).scatter_(1, ids[rows], False)
+        for m, temperature in enumerate(temperatures):
+            tempered = log_p if temperature == 1.0 else F.log_softmax(scaled / temperature, dim=-1)
+            rest[rows, m] = tempered.masked_fill(~outside, float('-inf')).logsumexp(dim=-1)
+    return ids, values, rest
+
+
+class TeacherTopKModel(ComposerModel):
+    """``forward(batch)`` → ``{'ids', 'logprobs', 'rest'}`` of the teacher at every position of the batch.
+
+    The teacher is frozen (no gradients, eval mode) and prepared for FSDP like ``DistillationModel``'s, so the
+    same ``fsdp_config`` shards it.
+
+    Args:
+        teacher (PreTrainedModel): the causal LM.
+        vocab_size (int): the shared vocabulary, ``len(tokenizer)``; logits past it are cut.
+        k (int): top entries kept.
+        temperatures (Sequence[float]): temperatures whose rest mass is recorded.
+    """
+
+    def __init__(self, teacher: PreTrainedModel, vocab_size: int, k: int, temperatures: Sequence[float]) -> None:
+        super().__init__()
+        teacher.requires_grad_(False)
+        teacher.eval()
+        prepare_for_fsdp(teacher, frozen=True)
+        self.teacher = teacher
+        self.vocab_size, self.k, self.temperatures = vocab_size, k, tuple(temperatures)
+
+    def train(self, mode: bool = True) -> 'TeacherTopKModel':
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            logits = self.teacher(input_ids=batch['input_ids'], attention_mask=batch.get('attention_mask'),
+                                  use_cache=False).logits
+            B, T, rows = logits.shape
+            ids, values, rest = topk_logprobs(logits.reshape(B * T, rows), self.k, self.temperatures, self.vocab_size)
+        return {'ids': ids.view(B, T, -1), 'logprobs': values.view(B, T, -1), 'rest': rest.view(B, T, -1)}
+
+    def loss(self, outputs: Any, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError('TeacherTopKModel only predicts; it is never trained')

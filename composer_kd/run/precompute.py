@@ -1,0 +1,320 @@
+"""``composer-kd precompute-teacher``: run the teacher once over a token MDS split and write its top-k.
+
+The output is one MDS dataset (``data/teacher_topk.py`` says what a sample holds; ``data/topk_parts.py``
+how the split is laid out) that ``train`` reads as it is with ``model.teacher: {precomputed: true}``.
+
+Samples are cut into parts of ``samples_per_part`` by their index; parts are dealt to the processes round by
+round and each is written all at once, so
+
+* N processes give the same dataset as one, sample for sample (the same batches meet the same kernels);
+* a killed run (SIGKILL included) is finished by the same command: complete parts are kept, the others are
+  recomputed, nothing is missing or duplicated;
+* a rerun on a complete output says so and writes nothing.
+
+The teacher runs through Composer's ``Trainer.predict`` (device placement, ``precision``, FSDP when
+``fsdp_config`` is set), so every process runs the same number of batches in every round; a process with
+less to do runs copies of a real batch whose outputs are dropped.
+"""
+
+import contextlib
+import importlib.metadata
+import logging
+import math
+import os
+import time
+import warnings
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from composer import Callback, Trainer
+from composer.core import State
+from composer.loggers import Logger
+from composer.utils import dist, get_device, reproducibility
+from tqdm import tqdm
+
+from composer_kd.data.teacher_topk import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    encode_sample,
+    mds_columns,
+    read_metadata,
+    tokenizer_fingerprint,
+)
+from composer_kd.data.tokens import TokenDataset, collate_tokens
+from composer_kd.data.topk_parts import (
+    PLAN_FILE,
+    PartWriter,
+    complete_parts,
+    merge_parts,
+    publish_metadata,
+    read_json,
+    remove_partial_parts,
+    upload_part,
+    write_json,
+    write_part,
+)
+from composer_kd.errors import ConfigError
+from composer_kd.model.teacher_topk_model import TeacherTopKModel
+from composer_kd.model.vocab import embedding_rows
+from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
+from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
+
+__all__ = ['precompute_teacher']
+
+log = logging.getLogger(__name__)
+
+ENCODING_DESCRIPTIONS = {
+    'float16': 'teacher_topk_logprobs: the K log-probabilities at temperature 1 as float16',
+    'uint8': ('teacher_topk_uint8: entries 2..K as round(255 * (p(i) / p(1)) ** (1/3)), code 0 read as 0.25; '
+              'absolute values from teacher_rest_logprob_t1: p(i) = (1 - rest) * ratio(i) / sum(ratios)'),
+}
+TEMPERATURE_SEMANTICS = (
+    'Log-probs are log_softmax of the teacher logits (cut to the tokenizer length) at temperature 1. '
+    'teacher_rest_logprob_t{T} is log of the teacher mass outside the K ids in softmax(logits / T), computed in '
+    'float32 from the full logits. At temperature T the loss uses p_T(i) = (1 - rest_T) * softmax(logprobs / T)(i), '
+    'exact for every recorded T.')
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """This rank's whole batches of source samples, in order: ``input_ids``, ``attention_mask``, ``sample_index``
+    and ``dummy``. (Iterable: the ranks' shares are planned here, not by a distributed sampler.)"""
+
+    def __init__(self, dataset: TokenDataset, batches: Sequence[tuple[Sequence[int], bool]], pad_id: int) -> None:
+        self.dataset, self.batches, self.pad_id = dataset, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for indices, dummy in self.batches:
+            batch = collate_tokens([self.dataset[j] for j in indices], self.pad_id)
+            batch['sample_index'] = torch.tensor(indices, dtype=torch.long)
+            batch['dummy'] = torch.full((len(indices),), dummy)
+            yield batch
+
+
+class _TopKWriter(Callback):
+    """Writes each predicted batch's real samples to the current part, and counts progress on every rank."""
+
+    def __init__(self, settings: PrecomputeSettings, vocab_size: int, progress: Optional[tqdm]) -> None:
+        self.settings, self.vocab_size, self.progress = settings, vocab_size, progress
+        self.writer: Optional[PartWriter] = None
+        self.tokens = 0
+
+    def predict_batch_end(self, state: State, logger: Logger) -> None:
+        batch, out = state.batch, state.outputs
+        real = (~batch['dummy']).cpu().numpy()
+        lengths = batch['attention_mask'].sum(dim=1).cpu().numpy()
+        if self.writer is not None and real.any():
+            tokens, index = batch['input_ids'].cpu().numpy(), batch['sample_index'].cpu().numpy()
+            ids, logprobs, rest = (out[k].cpu().numpy() for k in ('ids', 'logprobs', 'rest'))
+            for row in np.flatnonzero(real):
+                n = int(lengths[row])
+                rests = {t: rest[row, :n, m] for m, t in enumerate(self.settings.temperatures)}
+                self.writer.write(
+                    encode_sample(tokens[row, :n], int(index[row]), ids[row, :n], logprobs[row, :n], rests,
+                                  self.vocab_size, self.settings.encoding))
+        counts = state.device.tensor_to_device(torch.tensor([int(real.sum()), int(lengths[real].sum())]))
+        dist.all_reduce(counts)
+        if self.progress is not None:
+            self.tokens += int(counts[1])
+            self.progress.update(int(counts[0]))
+            rate = self.tokens / max(self.progress.format_dict['elapsed'], 1e-9)
+            self.progress.set_postfix_str(f'{rate:,.0f} tok/s', refresh=False)
+
+
+def _plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, samples: int) -> dict[str, Any]:
+    """What the output depends on; a rerun must find the same plan to continue an earlier run's parts."""
+    teacher = dict(cfg['model']['teacher'])
+    local = settings.dataset.get('local')
+    source = teacher.get('pretrained_model_name_or_path')
+    if source is not None and os.path.isdir(os.path.expanduser(source)):
+        teacher['pretrained_model_name_or_path'] = os.path.abspath(os.path.expanduser(source))
+    return {
+        'teacher': teacher,
+        'tokenizer': {'name': str(cfg['tokenizer']['name']), 'size': len(tokenizer),
+                      'fingerprint': tokenizer_fingerprint(tokenizer)},
+        'source': {'local': os.path.abspath(local) if local else None, 'remote': settings.dataset.get('remote'),
+                   'split': settings.dataset.get('split'), 'samples': samples},
+        'max_seq_len': settings.max_seq_len, 'top_k': settings.top_k, 'logprobs': settings.encoding,
+        'temperatures': list(settings.temperatures), 'samples_per_part': settings.samples_per_part,
+        'compression': settings.compression, 'precision': settings.precision,
+    }
+
+
+def _check_plan(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """Refuses an output folder planned with other settings; returns the metadata when it is complete."""
+    earlier = read_json(os.path.join(settings.split_dir, PLAN_FILE))
+    if earlier is not None and earlier != plan:
+        key = next(k for k in sorted(set(plan) | set(earlier)) if plan.get(k) != earlier.get(k))
+        raise ConfigError(f'precompute.out: {settings.split_dir} holds a precompute with other settings ({key}: '
+                          f'{earlier.get(key)!r} there, {plan.get(key)!r} now); use another folder or remove it')
+    if earlier is None and os.path.isdir(settings.split_dir) and os.listdir(settings.split_dir):
+        raise ConfigError(f'precompute.out: {settings.split_dir} exists and is not a precompute-teacher output; '
+                          'use an empty or new folder')
+    return read_metadata(settings.out_local, None, settings.dataset.get('split')) if earlier is not None else None
+
+
+def _rounds(remaining: Sequence[int], world_size: int, total: int, settings: PrecomputeSettings,
+            rank: int) -> list[tuple[Optional[int], list[tuple[list[int], bool]]]]:
+    """Per round, this rank's part (or None) and its batches, padded with dummies to the round's longest."""
+    per_part, batch = settings.samples_per_part, settings.device_batch_size
+    dummy = (list(range(min(batch, total))), True)
+    rounds = []
+    for start in range(0, len(remaining), world_size):
+        parts = remaining[start:start + world_size]
+        spans = [range(p * per_part, min((p + 1) * per_part, total)) for p in parts]
+        longest = max(math.ceil(len(s) / batch) for s in spans)
+        mine = parts[rank] if rank < len(parts) else None
+        batches = []
+        if mine is not None:
+            span = spans[rank]
+            batches = [(list(span[i:i + batch]), False) for i in range(0, len(span), batch)]
+        rounds.append((mine, batches + [dummy] * (longest - len(batches))))
+    return rounds
+
+
+def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs (or finishes) a precompute; returns ``{'samples', 'tokens', 'bytes', 'bytes_per_token', 'wall_s',
+    'parts_written', 'parts_kept', 'complete_before'}``.
+
+    Raises:
+        ConfigError: for any value that cannot be used, naming its key, before the teacher loads.
+    """
+    start_time = time.perf_counter()
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    level = str(cfg.get('python_log_level', 'warning')).upper()
+    for name in ('composer', 'composer_kd'):
+        logging.getLogger(name).setLevel(level)
+    gpu = torch.cuda.is_available()
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    settings = check_precompute_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    check_precompute_paths(settings)
+    check_model_source('model.teacher', cfg['model']['teacher'])
+    dist.initialize_dist(get_device('gpu' if gpu else 'cpu'), timeout=float(cfg.get('dist_timeout', 600)))
+    rank = dist.get_global_rank()
+    reproducibility.seed_all(cfg.get('seed', 17))
+
+    tokenizer = build_tokenizer(cfg['tokenizer'])
+    vocab = len(tokenizer)
+    if settings.top_k > vocab:
+        raise ConfigError(f'precompute.top_k={settings.top_k} is more than the {vocab} tokens of the vocabulary')
+    check_model_tokenizer('model.teacher', cfg['model']['teacher'], tokenizer)
+    try:
+        source = TokenDataset(max_seq_len=settings.max_seq_len, shuffle=False, batch_size=settings.device_batch_size,
+                              **settings.dataset)
+        total = source.num_samples
+        if total == 0:
+            raise ValueError('it has no samples')
+        source[0]  # a dataset without a tokens column fails here, with its columns named
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f'precompute.dataset: {str(e).splitlines()[0]}') from e
+    plan = _plan(cfg, settings, tokenizer, total)
+    metadata = _check_plan(settings, plan)
+    dist.barrier()  # every rank has read the folder before rank 0 writes to it
+    if metadata is not None:
+        if rank == 0:
+            print(f'precompute-teacher: {settings.split_dir} is complete ({metadata["samples"]} samples, '
+                  f'{metadata["tokens"]} tokens, k={metadata["top_k"]}); nothing to do')
+        return {**_summary(metadata), 'wall_s': time.perf_counter() - start_time, 'parts_written': 0,
+                'parts_kept': metadata['parts']['count'], 'complete_before': True}
+    if rank == 0:
+        os.makedirs(settings.split_dir, exist_ok=True)
+        for name in remove_partial_parts(settings.split_dir):
+            print(f'precompute-teacher: removed the interrupted part {name}')
+        write_json(os.path.join(settings.split_dir, PLAN_FILE), plan)
+    dist.barrier()
+
+    teacher = build_causal_lm('model.teacher', cfg['model']['teacher'])
+    if embedding_rows(teacher) < vocab:
+        raise ConfigError(f'model.teacher: it has {embedding_rows(teacher)} output logits but the tokenizer has '
+                          f'{vocab} tokens')
+    num_parts = math.ceil(total / settings.samples_per_part)
+    kept = complete_parts(settings.split_dir)
+    remaining = [p for p in range(num_parts) if p not in kept]
+    todo = sum(min((p + 1) * settings.samples_per_part, total) - p * settings.samples_per_part for p in remaining)
+    progress = tqdm(total=todo, desc='precompute-teacher', unit='sample', mininterval=1.0,
+                    disable=not settings.progress_bar) if rank == 0 else None
+    writer_callback = _TopKWriter(settings, vocab, progress)
+    fsdp = cfg.get('fsdp_config')
+    with warnings.catch_warnings():  # 'No optimizer was specified': there is nothing to optimize here
+        warnings.simplefilter('ignore', UserWarning)
+        trainer = Trainer(model=TeacherTopKModel(teacher, vocab, settings.top_k, settings.temperatures),
+                          device='gpu' if gpu else 'cpu',
+                          precision=settings.precision,
+                          parallelism_config={'fsdp': dict(fsdp)} if fsdp is not None and world_size > 1 else None,
+                          callbacks=[writer_callback],
+                          loggers=[],
+                          progress_bar=False,
+                          log_to_console=False,
+                          seed=cfg.get('seed', 17))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    columns = mds_columns(vocab, settings.encoding, settings.temperatures)
+    for part, batches in _rounds(remaining, world_size, total, settings, rank):
+        loader = torch.utils.data.DataLoader(_Batches(source, batches, pad_id), batch_size=None)
+        context = write_part(settings.split_dir, part, part * settings.samples_per_part, columns,
+                             settings.compression) if part is not None else contextlib.nullcontext()
+        with context as writer:
+            writer_callback.writer = writer
+            trainer.predict(loader, return_outputs=False)
+        writer_callback.writer = None
+        if part is not None and settings.remote_split:
+            upload_part(settings.split_dir, settings.remote_split, part)
+    if progress is not None:
+        progress.close()
+    trainer.close()
+    dist.barrier()
+
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        parts = list(range(num_parts))
+        if settings.remote_split:  # parts of an earlier, interrupted run may not be uploaded yet
+            for p in parts:
+                upload_part(settings.split_dir, settings.remote_split, p)
+        totals = merge_parts(settings.split_dir, settings.remote_split, parts)
+        metadata = _metadata(plan, settings, teacher, columns, totals, num_parts)
+        publish_metadata(settings.split_dir, settings.remote_split, metadata)
+        summary = _summary(metadata)
+        wall = time.perf_counter() - start_time
+        print(f'precompute-teacher: {summary["samples"]} samples, {summary["tokens"]} tokens, '
+              f'{summary["bytes_per_token"]:.1f} bytes/token ({summary["bytes"] / 1e6:.1f} MB), {wall:.1f} s '
+              f'({len(remaining)} parts written, {len(kept)} kept) -> {settings.split_dir}')
+    dist.barrier()
+    summary = dist.all_gather_object(summary)[0]
+    return {**summary, 'wall_s': time.perf_counter() - start_time, 'parts_written': len(remaining),
+            'parts_kept': len(kept), 'complete_before': False}
+
+
+def _metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, teacher: Any, columns: Mapping[str, str],
+              totals: Mapping[str, int], num_parts: int) -> dict[str, Any]:
+    """The ``teacher_topk.json`` of a finished split."""
+    teacher_cfg = plan['teacher']
+    return {
+        'format': FORMAT_NAME,
+        'version': FORMAT_VERSION,
+        'teacher': {'source': str(teacher_cfg.get('pretrained_model_name_or_path') or 'config'),
+                    'config': teacher_cfg, 'embedding_rows': embedding_rows(teacher)},
+        'tokenizer': plan['tokenizer'],
+        'vocab_size': plan['tokenizer']['size'],
+        'top_k': settings.top_k,
+        'logprob_encoding': {'name': settings.encoding, 'description': ENCODING_DESCRIPTIONS[settings.encoding]},
+        'max_seq_len': settings.max_seq_len,
+        'temperatures': list(settings.temperatures),
+        'temperature_semantics': TEMPERATURE_SEMANTICS,
+        'columns': dict(columns),
+        'source': plan['source'],
+        'samples': totals['samples'],
+        'tokens': totals['tokens'],
+        'bytes': totals['bytes'],
+        'compressed_bytes': totals['zip_bytes'],
+        'parts': {'count': num_parts, 'samples_per_part': settings.samples_per_part},
+        'precision': settings.precision,
+        'composer_kd_version': importlib.metadata.version('composer-kd'),
+    }
+
+
+def _summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {'samples': metadata['samples'], 'tokens': metadata['tokens'], 'bytes': metadata['bytes'],
+            'bytes_per_token': metadata['bytes'] / max(metadata['tokens'], 1)}
+

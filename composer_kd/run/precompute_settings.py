@@ -1,0 +1,126 @@
+"""The ``precompute:`` section of a ``precompute-teacher`` config → validated settings, before anything loads."""
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+from streaming.base.compression import get_compressions
+
+from composer_kd.data.teacher_topk import ENCODINGS
+from composer_kd.errors import ConfigError
+from composer_kd.run.checks import check_fsdp, check_precision
+
+__all__ = ['PrecomputeSettings', 'check_precompute_config', 'check_precompute_paths']
+
+_DATASET_PASSTHROUGH = ('local', 'remote', 'split', 'download_retry', 'download_timeout', 'validate_hash', 'keep_zip',
+                        'predownload', 'cache_limit')
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeSettings:
+    """Everything ``precompute-teacher`` needs besides the teacher and the tokenizer."""
+    dataset: dict[str, Any]  # StreamingDataset arguments of the source split (local, remote, split, ...)
+    max_seq_len: int
+    out_local: str
+    out_remote: Optional[str]
+    compression: Optional[str]
+    top_k: int
+    encoding: str
+    device_batch_size: int
+    temperatures: tuple[float, ...]  # sorted, 1.0 always among them
+    samples_per_part: int
+    progress_bar: bool
+    precision: str
+
+    @property
+    def split_dir(self) -> str:
+        """The local folder of the output split (``out.local/split``)."""
+        return os.path.join(self.out_local, self.dataset.get('split') or '')
+
+    @property
+    def remote_split(self) -> Optional[str]:
+        return os.path.join(self.out_remote, self.dataset.get('split') or '') if self.out_remote else None
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f'{key} must be a positive integer, got {value!r}')
+    return value
+
+
+def _temperatures(value: Any) -> tuple[float, ...]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(f'precompute.temperatures must be numbers > 0, got {value!r}')
+    return tuple(sorted({1.0, *(float(t) for t in values)}))
+
+
+def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
+                            fsdp_version: Optional[str] = None) -> PrecomputeSettings:
+    """Checks every value of a ``precompute-teacher`` config that needs nothing loaded or read; returns the
+    settings. (``check_precompute_paths`` then checks the folders.)
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    precision = check_precision(cfg, gpu)
+    check_fsdp(cfg, world_size, gpu, fsdp_version)
+    teacher = cfg['model']['teacher']
+    if (teacher.get('pretrained_model_name_or_path') is None) == (teacher.get('config') is None):
+        raise ConfigError('model.teacher: give exactly one of pretrained_model_name_or_path (a saved model) or '
+                          'config (a from-scratch model)')
+    section = cfg['precompute']
+    top_k = _positive_int('precompute.top_k', section['top_k'])
+    encoding = section.get('logprobs', 'float16')
+    if encoding not in ENCODINGS:
+        raise ConfigError(f'precompute.logprobs={encoding!r}: use one of {list(ENCODINGS)}')
+    if encoding == 'uint8' and top_k < 2:
+        raise ConfigError(f'precompute.top_k={top_k}: the uint8 encoding stores entries relative to the top one, so '
+                          'it needs top_k >= 2 (use logprobs: float16 for top_k 1)')
+    batch = _positive_int('precompute.device_batch_size', section.get('device_batch_size', 8))
+    per_part = _positive_int('precompute.samples_per_part', section.get('samples_per_part', 4096))
+    if per_part % batch:
+        raise ConfigError(f'precompute.samples_per_part={per_part} must be a multiple of '
+                          f'precompute.device_batch_size={batch} (a part is whole batches)')
+    if not isinstance(section.get('progress_bar', True), bool):
+        raise ConfigError(f'precompute.progress_bar must be true or false, got {section["progress_bar"]!r}')
+
+    dataset = section['dataset']
+    max_seq_len = dataset['max_seq_len']
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ConfigError(f'precompute.dataset.max_seq_len must be an integer >= 2, got {max_seq_len!r}')
+    local, remote, split = dataset.get('local'), dataset.get('remote'), dataset.get('split')
+    if not local and not remote:
+        raise ConfigError('precompute.dataset: give local (a folder) and/or remote (a URI) of the MDS dataset')
+
+    out = section['out']
+    if not isinstance(out['local'], str) or not out['local']:
+        raise ConfigError(f'precompute.out.local must be a folder, got {out["local"]!r}')
+    if local and os.path.abspath(os.path.join(out['local'], split or '')) == os.path.abspath(
+            os.path.join(local, split or '')):
+        raise ConfigError(f'precompute.out.local={out["local"]!r} is the source dataset; write to another folder')
+    compression = out.get('compression')
+    if compression is not None and compression not in get_compressions():
+        raise ConfigError(f'precompute.out.compression={compression!r}: use null or one of Streaming\'s '
+                          f'compressions (e.g. zstd)')
+    return PrecomputeSettings(dataset={k: dataset[k] for k in _DATASET_PASSTHROUGH if dataset.get(k) is not None},
+                              max_seq_len=max_seq_len,
+                              out_local=os.path.abspath(out['local']),
+                              out_remote=out.get('remote'),
+                              compression=compression,
+                              top_k=top_k,
+                              encoding=encoding,
+                              device_batch_size=batch,
+                              temperatures=_temperatures(section.get('temperatures', [1.0])),
+                              samples_per_part=per_part,
+                              progress_bar=section.get('progress_bar', True),
+                              precision=precision)
+
+
+def check_precompute_paths(settings: PrecomputeSettings) -> None:
+    """Refuses a local-only source dataset that is not there."""
+    local, split = settings.dataset.get('local'), settings.dataset.get('split')
+    index = os.path.join(local or '', split or '', 'index.json')
+    if not settings.dataset.get('remote') and not os.path.isfile(index):
+        raise ConfigError(f'precompute.dataset: no MDS dataset at local={local!r} split={split!r} (missing {index})')
