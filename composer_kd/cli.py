@@ -17,7 +17,7 @@ __all__ = ['main']
 def _train(args: argparse.Namespace) -> None:
     from composer_kd.run.config import load_config
     from composer_kd.run.train import train
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides)).close()
 
 
 def _precompute_teacher(args: argparse.Namespace) -> None:

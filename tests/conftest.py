@@ -7,24 +7,68 @@ from typing import Any, Callable
 
 import pytest
 from omegaconf import OmegaConf
-from streaming.base.util import clean_stale_shared_memory
+from streaming import StreamingDataset
 
+from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.quickstart.tiny_assets import make_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / 'yamls' / 'tiny-cpu.yaml'
 
 
+# Streaming keeps a dataset's shared memory open until the process exits, and every later dataset of the process
+# opens (and keeps) the blocks of every other dataset it finds while choosing a name: one pytest process makes
+# hundreds of datasets and would run out of file descriptors. So every StreamingDataset a test makes is released
+# after the test, and blocks no process holds open any more (those of killed runs) are removed.
+_DATASETS: list[StreamingDataset] = []
+_streaming_init = StreamingDataset.__init__
+
+
+def _tracked_init(self: StreamingDataset, *args: Any, **kwargs: Any) -> None:
+    _streaming_init(self, *args, **kwargs)
+    _DATASETS.append(self)
+
+
+StreamingDataset.__init__ = _tracked_init
+
+
+def _unlink_orphaned_shared_memory() -> None:
+    """Removes Streaming's shared-memory blocks (``/dev/shm/NNNNNN_*``) that no running process has open."""
+    shm = Path('/dev/shm')
+    if not shm.is_dir():
+        return
+    held = set()
+    for fd_dir in Path('/proc').glob('[0-9]*/fd'):
+        try:
+            held.update(os.readlink(fd) for fd in fd_dir.iterdir())
+        except OSError:  # a process that ended meanwhile, or one we may not inspect
+            continue
+    for block in shm.glob('[0-9][0-9][0-9][0-9][0-9][0-9]_*'):
+        if str(block) not in held:
+            block.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
-def _clean_streaming_shm() -> None:
-    # Streaming keys shared memory by dataset; a killed or failed run can leave stale entries behind.
-    clean_stale_shared_memory()
+def _clean_streaming_shm() -> Any:
+    _unlink_orphaned_shared_memory()
+    yield
+    while _DATASETS:
+        release_shared_memory(_DATASETS.pop())
 
 
 @pytest.fixture(scope='session')
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``make_tiny_assets`` output, made once per test session."""
     return Path(make_tiny_assets(str(tmp_path_factory.mktemp('tiny') / 'assets')))
+
+
+@pytest.fixture(scope='session')
+def fast_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``composer-kd quickstart --fast`` run once per test session through the CLI (tests copy it to modify it)."""
+    from composer_kd.cli import main
+    out = tmp_path_factory.mktemp('quickstart') / 'out'
+    assert main(['quickstart', '--fast', '--out', str(out)]) == 0
+    return out
 
 
 @pytest.fixture

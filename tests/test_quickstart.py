@@ -14,25 +14,45 @@ from composer_kd.cli import main
 from composer_kd.quickstart import pipeline as quickstart
 
 
-@pytest.fixture(scope='module')
-def fast_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp('qs') / 'out'
-    assert main(['quickstart', '--fast', '--out', str(out)]) == 0
-    return out
+@pytest.fixture
+def fast_run(fast_quickstart: Path) -> Path:
+    return fast_quickstart
 
 
 def test_fast_quickstart_reports_every_model(fast_run: Path) -> None:
     results = json.loads((fast_run / 'results.json').read_text())
-    assert set(results['models']) == {'teacher', 'baseline', 'baseline_equal_time', 'distilled'}
+    assert set(results['models']) == {'teacher', 'baseline', 'baseline_equal_time', 'distilled', 'distilled_offline',
+                                      'baseline_equal_time_offline'}
     for name, model in results['models'].items():
         assert model['eval_ce'] > 0 and model['tokens_per_s'] > 0 and model['wall_s'] > 0
         assert (model['top1_agreement'] is None) == (name == 'teacher')
-    assert results['models']['baseline']['steps'] == results['models']['distilled']['steps']
+    steps = {name: model['steps'] for name, model in results['models'].items()}
+    assert steps['baseline'] == steps['distilled'] == steps['distilled_offline'] == quickstart.FAST.student_steps
     ce = {k: m['eval_ce'] for k, m in results['models'].items()}
-    gap = (ce['baseline'] - ce['distilled']) / (ce['baseline'] - ce['teacher'])
-    assert results['gap_closed']['vs_baseline'] == pytest.approx(gap)
+    for kind, student in (('online', 'distilled'), ('offline', 'distilled_offline')):
+        gap = (ce['baseline'] - ce[student]) / (ce['baseline'] - ce['teacher'])
+        assert results['gap_closed'][kind]['vs_baseline'] == pytest.approx(gap)
     assert (fast_run / 'eval_curves.png').stat().st_size > 1000
     AutoModelForCausalLM.from_pretrained(results['distilled_student'])
+    AutoModelForCausalLM.from_pretrained(results['distilled_offline_student'])
+
+
+def test_equal_cost_budgets_come_from_the_paired_measurement(fast_run: Path) -> None:
+    # Not from the stages' wall times, which a busy machine skews: from interleaved steps in one process.
+    results = json.loads((fast_run / 'results.json').read_text())
+    costs = results['step_costs']
+    assert costs['rounds'] == quickstart.FAST.cost_rounds and 'interleaved' in costs['method']
+    assert set(costs['ratio']) == {'labels_only', 'online', 'offline', 'precompute'}
+    assert costs['ratio']['labels_only'] == 1.0 and costs['ratio']['online'] > 1.0
+    for kind, stage in (('online', 'baseline_equal_time'), ('offline', 'baseline_equal_time_offline')):
+        want = max(1, round(quickstart.FAST.student_steps * costs['ratio'][kind]))
+        assert results['models'][stage]['steps'] == results['equal_cost_steps'][kind] == want
+    precompute = results['precompute']
+    assert precompute['top_k'] == quickstart.FAST.top_k and precompute['logprobs'] == 'uint8'
+    assert precompute['cost_label_steps'] == pytest.approx(
+        precompute['samples'] / costs['batch_size'] * costs['ratio']['precompute'])
+    amortised = precompute['offline_run_cost_amortised']
+    assert amortised['1'] > amortised['3'] > amortised['10'] > results['models']['distilled_offline']['steps']
 
 
 def test_rerun_skips_complete_stages(capfd, fast_run: Path) -> None:

@@ -15,6 +15,7 @@ from composer.core import DataSpec
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
+from composer_kd.data.streaming_resources import raise_open_file_limit, release_shared_memory
 from composer_kd.data.teacher_topk import TEACHER_IDS, decode_teacher, pad_teacher
 
 __all__ = [
@@ -39,9 +40,16 @@ class TokenDataset(StreamingDataset):
     """
 
     def __init__(self, max_seq_len: int, teacher_temperature: float = 1.0, **kwargs: Any) -> None:
+        raise_open_file_limit()  # every StreamingDataset keeps ~60 descriptors until the process exits
         super().__init__(**kwargs)
         self.max_seq_len = max_seq_len
         self.teacher_temperature = teacher_temperature
+
+    def __del__(self) -> None:
+        # Unreachable: give back the shared memory Streaming would otherwise hold until the process exits.
+        super().__del__()
+        if hasattr(self, '_locals_shm'):
+            release_shared_memory(self)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(index)

@@ -16,11 +16,8 @@ Temperature. The stored log-probs are the teacher's at temperature 1, ``lp(i) = 
 temperature T the teacher's distribution is ``p_T(v) ∝ p(v)^(1/T)``, so its top-K entries are, exactly,
 ``p_T(i) = (1 − P_rest,T) · softmax_K(lp / T)(i)``: only the rest mass at T is needed, and
 ``precompute-teacher`` records it (``log P_rest,T``, computed from the full logits) for every temperature
-listed in its config. Without that record the loss derives it: at T = 1 as ``1 − Σ exp(lp)``; at T ≠ 1 it
-*estimates* the rest's tempered weight ``Σ_rest p(v)^(1/T)`` as ``P_rest · p_min^(1/T − 1)``, i.e. as if
-the rest were tokens as likely as the K-th (``p_min``). That is exact when K = V (no rest), a lower bound of
-the weight for T > 1 and an upper bound for T < 1 (the rest's tokens are all less likely than the K-th);
-``benchmarks/offline.py`` measures its error against the dense loss.
+listed in its config. At T = 1 without a record the rest is ``1 − Σ exp(lp)``; at T ≠ 1 it cannot be derived
+from the top-K (it depends on how the rest's mass is spread), so a record is required there unless K = V.
 """
 
 from typing import Callable, NamedTuple, Optional
@@ -71,15 +68,12 @@ def teacher_buckets(logprobs: torch.Tensor, rest_logprob: Optional[torch.Tensor]
     if rest_logprob is not None:
         top_mass = torch.log1p(-rest_logprob.exp().clamp(max=1.0))  # log(1 − P_rest)
         return F.log_softmax(logprobs / temperature, dim=-1) + top_mass[:, None], rest_logprob
+    if temperature != 1.0:
+        raise ValueError(f'temperature={temperature:g} with K < V needs teacher_rest_logprob (the teacher\'s mass '
+                         'outside the top-K at that temperature; precompute-teacher records it)')
     lse = torch.logsumexp(logprobs, dim=-1)
     logprobs = logprobs - lse.clamp(min=0.0)[:, None]  # entries that sum past 1 (rounding) are scaled to 1
-    rest = torch.log1p(-lse.exp().clamp(max=1.0))  # log(1 − Σ p), −inf when the entries hold all the mass
-    if temperature == 1.0:
-        return logprobs, rest
-    # The rest's weight at T, estimated as tokens as likely as the K-th: P_rest · p_min^(1/T − 1).
-    rest_weight = rest + (1.0 / temperature - 1.0) * logprobs.min(dim=-1).values
-    log_norm = torch.logaddexp(torch.logsumexp(logprobs / temperature, dim=-1), rest_weight)
-    return logprobs / temperature - log_norm[:, None], rest_weight - log_norm
+    return logprobs, torch.log1p(-lse.exp().clamp(max=1.0))  # log(1 − Σ p); −inf if the entries hold it all
 
 
 def _closed_form_rows(alpha: float, temperature: float) -> RowsFn:
@@ -188,7 +182,8 @@ def topk_distillation_loss(
         ignore_index (int): label value excluded from both terms. Default: ``-100``.
         shift_labels (bool): score the logits at t against ``labels[:, t+1]``. Default: ``True``.
         teacher_rest_logprob (Tensor, optional): ``(B, T)`` log of the teacher's mass outside the K ids at
-            ``temperature`` (``precompute-teacher`` records it). Default: derived from the K entries.
+            ``temperature`` (``precompute-teacher`` records it). Default: ``1 − Σ exp(logprobs)``, which needs
+            ``temperature == 1`` (or K = V).
         chunk_elements (int, optional): rows × V evaluated at a time. Default: 2**18 on CPU, 2**24 on CUDA.
         **divergence_kwargs: ``beta`` for ``jsd``, ``lam`` for the skew divergences.
 
@@ -198,7 +193,8 @@ def topk_distillation_loss(
         during the forward pass. With no scored token all three are 0.
 
     Raises:
-        ValueError: for an invalid hyperparameter or mismatched shapes.
+        ValueError: for an invalid hyperparameter, mismatched shapes, or ``temperature != 1`` with K < V and no
+            ``teacher_rest_logprob``.
     """
     params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
     check_student_and_labels(student_logits, labels)

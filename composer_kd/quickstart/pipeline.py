@@ -6,9 +6,14 @@ Stages (each written to ``OUT/<stage>`` all at once, and skipped when a rerun fi
 2. ``tokenizer``: byte-level BPE trained on the train split (split by a hash of each file's relative path).
 3. ``data``: ``prepare-data`` into MDS shards.
 4. ``teacher``: ``train`` with ``yamls/quickstart/teacher.yaml`` (alpha 1), then ``export``.
-5. ``distilled``: ``train`` with ``yamls/quickstart/student.yaml``, then ``export``.
-6. ``baseline``: the same student on labels alone, same data, steps, seed and schedule.
-7. ``baseline_equal_time``: the same student on labels alone for the wall-clock time of stage 5.
+5. ``teacher_topk``: ``precompute-teacher`` with ``yamls/quickstart/teacher_topk.yaml`` over train and val.
+6. ``step_costs``: one training step of each student run (labels only, online, offline) and one precompute
+   batch, interleaved in one process (``run/step_costs.py``): what a step costs, whatever the machine's load.
+7. ``distilled``: ``train`` with ``yamls/quickstart/student.yaml`` (the teacher model online), then ``export``.
+8. ``distilled_offline``: the same, from the ``teacher_topk`` data (``model.teacher.precomputed=true``).
+9. ``baseline``: the same student on labels alone, same data, steps, seed and schedule.
+10. ``baseline_equal_time``: labels alone for the steps that cost what stage 7's steps cost (stage 6's ratio).
+11. ``baseline_equal_time_offline``: the same for stage 8.
 
 Then a report: a table, ``results.json`` and ``eval_curves.png``.
 """
@@ -19,26 +24,21 @@ import json
 import os
 import shutil
 import sysconfig
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-from composer.loggers import InMemoryLogger
 
 from composer_kd.data.prepare import prepare_data, split_of
 from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
 from composer_kd.quickstart.report import write_report
+from composer_kd.quickstart.runs import offline_overrides, precompute_run, step_costs_run, train_run
 from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
-from composer_kd.run.config import load_config
-from composer_kd.run.export import export_student
-from composer_kd.run.train import train
 
 __all__ = ['Sizes', 'DEFAULT', 'FAST', 'run_quickstart']
 
-RECIPES = Path(__file__).resolve().parents[2] / 'yamls' / 'quickstart'
 VAL_FRACTION = 0.05
-STAGES = ('corpus', 'tokenizer', 'data', 'teacher', 'distilled', 'baseline', 'baseline_equal_time')
+STAGES = ('corpus', 'tokenizer', 'data', 'teacher', 'teacher_topk', 'step_costs', 'distilled', 'distilled_offline',
+          'baseline', 'baseline_equal_time', 'baseline_equal_time_offline')
 OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json')
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'turtledemo', 'tkinter', 'lib2to3', 'ensurepip',
                            '__pycache__'})
@@ -55,10 +55,12 @@ class Sizes:
     teacher_steps: int
     student_steps: int
     eval_interval: int
+    top_k: int  # entries of the precomputed teacher (uint8)
+    cost_rounds: int  # measured rounds of the paired step costs (after a sixth as many warm-up rounds)
 
 
-DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 900, 600, 100)
-FAST = Sizes(40, 512, 64, (2, 64, 2), (1, 32, 2), 40, 30, 10)
+DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 900, 600, 100, 128, 30)
+FAST = Sizes(40, 512, 64, (2, 64, 2), (1, 32, 2), 40, 30, 10, 16, 6)
 
 
 def corpus_files(folder: str, max_files: Optional[int]) -> list[str]:
@@ -108,29 +110,6 @@ def _stage(out: Path, name: str, make: Callable[[Path], dict[str, Any]]) -> dict
     return record
 
 
-def _train_run(out: Path, folder: Path, recipe: str, sizes: Sizes, vocab_size: int, model: tuple[int, int, int],
-               steps: int, seed: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One ``composer-kd train`` run of a quickstart recipe, exported to ``folder/model``."""
-    layers, width, heads = model
-    overrides = [
-        f'variables.out={out}', f'variables.vocab_size={vocab_size}',
-        f'variables.max_seq_len={sizes.max_seq_len}',
-        f'variables.n_layer={layers}', f'variables.n_embd={width}', f'variables.n_head={heads}',
-        f'variables.steps={steps}', f'variables.eval_interval={min(sizes.eval_interval, steps)}',
-        f'variables.seed={seed}', f'variables.save_folder={folder / "checkpoints"}', *extra
-    ]
-    start = time.perf_counter()
-    trainer = train(load_config(str(RECIPES / recipe), overrides))
-    wall = time.perf_counter() - start
-    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
-    curve = [(int(ts.batch), float(v)) for ts, v in memory.data.get('metrics/eval/LanguageCrossEntropy', [])]
-    tokens = int(trainer.state.timestamp.token)
-    trainer.close()
-    export_student(str(folder / 'checkpoints' / 'latest-rank0.pt'), str(folder / 'model'))
-    shutil.rmtree(folder / 'checkpoints')
-    return {'steps': steps, 'wall_s': wall, 'tokens': tokens, 'tokens_per_s': tokens / wall, 'eval_curve': curve}
-
-
 def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Optional[str] = None,
                    seed: int = 17, alpha: float = 0.1, temperature: float = 1.0,
                    divergence: str = 'forward_kl') -> dict[str, Any]:
@@ -169,24 +148,33 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
         return prepare_data([str(out_path / 'corpus')], str(out_path / 'tokenizer' / 'tokenizer'), str(folder / 'mds'),
                             sizes.max_seq_len, val_fraction=VAL_FRACTION, extensions=['.py'])
 
-    students = f'variables.alpha={alpha}', f'variables.temperature={temperature}', f'variables.divergence={divergence}'
+    distillation = (f'variables.teacher={out_path / "teacher" / "model"}', f'variables.alpha={alpha}',
+                    f'variables.temperature={temperature}', f'variables.divergence={divergence}')
     labels_only = ('model.teacher=null', 'variables.alpha=1.0')
     records: dict[str, Any] = {}
     records['corpus'] = _stage(out_path, 'corpus', make_corpus)
     records['tokenizer'] = _stage(out_path, 'tokenizer', make_tokenizer)
     records['data'] = _stage(out_path, 'data', make_data)
     vocab_size = records['tokenizer']['vocab_size']  # len(tokenizer), recorded by its stage
-    records['teacher'] = _stage(out_path, 'teacher', lambda f: _train_run(
-        out_path, f, 'teacher.yaml', sizes, vocab_size, sizes.teacher, sizes.teacher_steps, 17))
-    teacher_model = f'variables.teacher={out_path / "teacher" / "model"}'
-    records['distilled'] = _stage(out_path, 'distilled', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, sizes.student_steps, seed,
-        (teacher_model, *students)))
-    records['baseline'] = _stage(out_path, 'baseline', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, sizes.student_steps, seed, labels_only))
-    # As many label-only steps as fit in the distillation run's wall-clock time.
-    equal_time_steps = max(1, round(sizes.student_steps * records['distilled']['wall_s'] /
-                                    records['baseline']['wall_s']))
-    records['baseline_equal_time'] = _stage(out_path, 'baseline_equal_time', lambda f: _train_run(
-        out_path, f, 'student.yaml', sizes, vocab_size, sizes.student, equal_time_steps, seed, labels_only))
+    common = (sizes.max_seq_len, sizes.eval_interval, vocab_size)
+
+    def student(folder: Path, steps: int, extra: tuple[str, ...]) -> dict[str, Any]:
+        return train_run(out_path, folder, 'student.yaml', *common, sizes.student, steps, seed, extra)
+
+    records['teacher'] = _stage(out_path, 'teacher', lambda f: train_run(
+        out_path, f, 'teacher.yaml', *common, sizes.teacher, sizes.teacher_steps, 17))
+    records['teacher_topk'] = _stage(out_path, 'teacher_topk', lambda f: precompute_run(
+        out_path, f, sizes.max_seq_len, sizes.top_k))
+    records['step_costs'] = _stage(out_path, 'step_costs', lambda f: step_costs_run(
+        out_path, sizes.max_seq_len, vocab_size, sizes.student, seed, distillation, sizes.top_k, sizes.cost_rounds,
+        max(1, sizes.cost_rounds // 6)))
+    records['distilled'] = _stage(out_path, 'distilled', lambda f: student(f, sizes.student_steps, distillation))
+    records['distilled_offline'] = _stage(out_path, 'distilled_offline', lambda f: student(
+        f, sizes.student_steps, (*distillation, *offline_overrides(out_path))))
+    records['baseline'] = _stage(out_path, 'baseline', lambda f: student(f, sizes.student_steps, labels_only))
+    # Label-only steps that cost what the distillation run's steps cost, by the paired measurement.
+    ratio = records['step_costs']['ratio']
+    for kind, stage in (('online', 'baseline_equal_time'), ('offline', 'baseline_equal_time_offline')):
+        steps = max(1, round(sizes.student_steps * ratio[kind]))
+        records[stage] = _stage(out_path, stage, lambda f, steps=steps: student(f, steps, labels_only))
     return write_report(out_path, records, settings)

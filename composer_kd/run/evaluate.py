@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.model.distillation_model import DistillationModel
 
@@ -41,4 +42,5 @@ def evaluate_student(student_dir: str,
             outputs = model.eval_forward(batch)
             for metric in metrics.values():
                 model.update_metric(batch, outputs, metric)
+    release_shared_memory(loader.dataset)
     return {name: float(metric.compute()) for name, metric in metrics.items()}

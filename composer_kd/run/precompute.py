@@ -33,6 +33,7 @@ from composer.loggers import Logger
 from composer.utils import dist, get_device, reproducibility
 from tqdm import tqdm
 
+from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.teacher_topk import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -177,7 +178,8 @@ def _rounds(remaining: Sequence[int], world_size: int, total: int, settings: Pre
 
 def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Runs (or finishes) a precompute; returns ``{'samples', 'tokens', 'bytes', 'bytes_per_token', 'wall_s',
-    'parts_written', 'parts_kept', 'complete_before'}``.
+    'loop_s', 'parts_written', 'parts_kept', 'complete_before'}`` (``loop_s``: the teacher passes and writes,
+    without start-up and the final merge).
 
     Raises:
         ConfigError: for any value that cannot be used, naming its key, before the teacher loads.
@@ -214,10 +216,11 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     metadata = _check_plan(settings, plan)
     dist.barrier()  # every rank has read the folder before rank 0 writes to it
     if metadata is not None:
+        release_shared_memory(source)
         if rank == 0:
             print(f'precompute-teacher: {settings.split_dir} is complete ({metadata["samples"]} samples, '
                   f'{metadata["tokens"]} tokens, k={metadata["top_k"]}); nothing to do')
-        return {**_summary(metadata), 'wall_s': time.perf_counter() - start_time, 'parts_written': 0,
+        return {**_summary(metadata), 'wall_s': time.perf_counter() - start_time, 'loop_s': 0.0, 'parts_written': 0,
                 'parts_kept': metadata['parts']['count'], 'complete_before': True}
     if rank == 0:
         os.makedirs(settings.split_dir, exist_ok=True)
@@ -251,6 +254,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
                           seed=cfg.get('seed', 17))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     columns = mds_columns(vocab, settings.encoding, settings.temperatures)
+    loop_start = time.perf_counter()
     for part, batches in _rounds(remaining, world_size, total, settings, rank):
         loader = torch.utils.data.DataLoader(_Batches(source, batches, pad_id), batch_size=None)
         context = write_part(settings.split_dir, part, part * settings.samples_per_part, columns,
@@ -261,9 +265,11 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         writer_callback.writer = None
         if part is not None and settings.remote_split:
             upload_part(settings.split_dir, settings.remote_split, part)
+    loop_s = time.perf_counter() - loop_start
     if progress is not None:
         progress.close()
     trainer.close()
+    release_shared_memory(source)
     dist.barrier()
 
     summary: dict[str, Any] = {}
@@ -282,7 +288,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
               f'({len(remaining)} parts written, {len(kept)} kept) -> {settings.split_dir}')
     dist.barrier()
     summary = dist.all_gather_object(summary)[0]
-    return {**summary, 'wall_s': time.perf_counter() - start_time, 'parts_written': len(remaining),
+    return {**summary, 'wall_s': time.perf_counter() - start_time, 'loop_s': loop_s, 'parts_written': len(remaining),
             'parts_kept': len(kept), 'complete_before': False}
 
 

@@ -14,16 +14,24 @@ same for every contender, so the ratios it would dilute are, if anything, overst
 
 import statistics
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
 
-__all__ = ['paired_step_costs']
+from composer_kd.data.teacher_topk import encode_sample
+from composer_kd.model.teacher_topk_model import TeacherTopKModel
+
+__all__ = ['paired_step_costs', 'precompute_step', 'training_step']
 
 
-class _Stepper:
+def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+class _TrainingStep:
     """One training step of a built ``Trainer``'s model, dataloader and optimizer, outside ``fit``."""
 
     def __init__(self, trainer: Trainer) -> None:
@@ -31,19 +39,11 @@ class _Stepper:
         self.model, self.optimizer = state.model, state.optimizers[0]
         self.metrics = self.model.get_metrics(is_train=True)
         self.clip = next((a.clipping_threshold for a in state.algorithms if isinstance(a, GradientClipping)), None)
-        self.loader = state.train_dataloader
-        self.batches: Iterator[Any] = iter(self.loader)
+        self.batches = _cycle(state.train_dataloader)
         self.model.train()
 
-    def _next_batch(self) -> Any:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            return next(self.batches)
-
-    def step(self) -> None:
-        batch = self._next_batch()
+    def __call__(self) -> None:
+        batch = next(self.batches)
         outputs = self.model(batch)
         self.model.loss(outputs, batch)['total'].backward()
         with torch.no_grad():
@@ -56,11 +56,36 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def paired_step_costs(trainers: Mapping[str, Trainer], rounds: int = 30, warmup: int = 5) -> dict[str, Any]:
-    """Interleaves single training steps of ``trainers`` (the first is the reference) and returns their costs.
+def training_step(trainer: Trainer) -> Callable[[], None]:
+    """A contender for ``paired_step_costs``: one training step of a built (not fitted) ``Trainer``."""
+    return _TrainingStep(trainer)
+
+
+def precompute_step(model: TeacherTopKModel, loader: Iterable[Any], encoding: str) -> Callable[[], None]:
+    """A contender for ``paired_step_costs``: what ``precompute-teacher`` does for one batch of ``loader`` —
+    the teacher's forward, its top-k and rest masses, and each sample encoded for MDS (the write itself, a
+    buffered append, is left out)."""
+    batches = _cycle(loader)
+    model.eval()
+
+    def step() -> None:
+        batch = next(batches)
+        out = model(batch)
+        ids, logprobs, rest = (out[k].numpy() for k in ('ids', 'logprobs', 'rest'))
+        lengths = batch['attention_mask'].sum(dim=1).tolist()
+        for row, n in enumerate(lengths):
+            rests = {t: rest[row, :n, m] for m, t in enumerate(model.temperatures)}
+            encode_sample(batch['input_ids'][row, :n].numpy(), row, ids[row, :n], logprobs[row, :n], rests,
+                          model.vocab_size, encoding)
+
+    return step
+
+
+def paired_step_costs(steps: Mapping[str, Callable[[], None]], rounds: int = 30, warmup: int = 5) -> dict[str, Any]:
+    """Interleaves single steps of the contenders (the first is the reference) and returns their costs.
 
     Args:
-        trainers (Mapping[str, Trainer]): built, not fitted; their models are trained by the measured steps.
+        steps (Mapping[str, Callable]): a step of each contender (``training_step``, ``precompute_step``).
         rounds (int): measured rounds (one step of each contender per round).
         warmup (int): rounds run first and not measured.
 
@@ -68,14 +93,13 @@ def paired_step_costs(trainers: Mapping[str, Trainer], rounds: int = 30, warmup:
         dict: ``method``, ``rounds``, ``step_s`` (median wall seconds per step of each contender) and
         ``ratio`` (each contender's median per-round ratio to the reference; the reference's is 1).
     """
-    steppers = {name: _Stepper(trainer) for name, trainer in trainers.items()}
-    names = list(steppers)
+    names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for name in order:
             start = time.perf_counter()
-            steppers[name].step()
+            steps[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     reference = names[0]

@@ -10,10 +10,11 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, get_device, reproducibility
 
+from composer_kd.callbacks import ReleaseStreamingMemory
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
-from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer
+from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
 from composer_kd.run.precomputed_data import (
     check_precomputed_data,
     check_precomputed_tokenizer,
@@ -81,6 +82,9 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
     reproducibility.seed_all(seed)  # the same fresh-model init on every rank
 
+    for key in ('student', 'teacher'):  # missing model folders fail here, before any data or model loads
+        if cfg['model'].get(key) is not None and not (key == 'teacher' and precomputed):
+            check_model_source(f'model.{key}', cfg['model'][key])
     tokenizer = build_tokenizer(cfg['tokenizer'])
     for key, meta in (('train_loader.dataset', train_teacher), ('eval_loader.dataset', eval_teacher)):
         if meta is not None:
@@ -109,7 +113,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     schedulers = [construct('scheduler', SCHEDULERS, *_named('scheduler', cfg))] if cfg.get('scheduler') else []
     algorithms = [construct('algorithms', ALGORITHMS, n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
     loggers = [construct('loggers', LOGGERS, n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
-    callbacks = _callbacks(cfg)
+    callbacks = [*_callbacks(cfg), ReleaseStreamingMemory()]
     metric_names = list(model.get_metrics(is_train=False))
     if precomputed and eval_teacher is None:  # eval data without the teacher: its metrics cannot be computed
         metric_names = [name for name in metric_names if not name.startswith('Teacher')]

@@ -1,0 +1,105 @@
+"""The quickstart's runs, each through a public path: a ``train`` run of a quickstart recipe, a
+``precompute-teacher`` run, and the paired step-cost measurement that sets the equal-time budgets."""
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from composer.loggers import InMemoryLogger
+from transformers import AutoModelForCausalLM
+
+from composer_kd.data import build_token_dataloader
+from composer_kd.data.streaming_resources import release_shared_memory
+from composer_kd.model.teacher_topk_model import TeacherTopKModel
+from composer_kd.run.config import load_config, load_precompute_config
+from composer_kd.run.export import export_student
+from composer_kd.run.precompute import precompute_teacher
+from composer_kd.run.step_costs import paired_step_costs, precompute_step, training_step
+from composer_kd.run.train import build_trainer, train
+
+__all__ = ['RECIPES', 'offline_overrides', 'train_run', 'precompute_run', 'step_costs_run']
+
+RECIPES = Path(__file__).resolve().parents[2] / 'yamls' / 'quickstart'
+LOGPROBS = 'uint8'
+
+
+def _overrides(out: Path, max_seq_len: int, eval_interval: int, vocab_size: int, model: tuple[int, int, int],
+               steps: int, seed: int) -> list[str]:
+    layers, width, heads = model
+    return [
+        f'variables.out={out}', f'variables.vocab_size={vocab_size}', f'variables.max_seq_len={max_seq_len}',
+        f'variables.n_layer={layers}', f'variables.n_embd={width}', f'variables.n_head={heads}',
+        f'variables.steps={steps}', f'variables.eval_interval={min(eval_interval, steps)}', f'variables.seed={seed}'
+    ]
+
+
+def offline_overrides(out: Path) -> tuple[str, ...]:
+    """``student.yaml`` distilled from the ``teacher_topk`` stage's data instead of the teacher model."""
+    data = out / 'teacher_topk' / 'data'
+    return ('model.teacher.precomputed=true', f'train_loader.dataset.local={data}', f'eval_loader.dataset.local={data}')
+
+
+def train_run(out: Path, folder: Path, recipe: str, max_seq_len: int, eval_interval: int, vocab_size: int,
+              model: tuple[int, int, int], steps: int, seed: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """One ``composer-kd train`` run of a quickstart recipe, exported to ``folder/model``.
+
+    Returns:
+        dict: ``steps``, ``wall_s``, ``tokens``, ``tokens_per_s`` and ``eval_curve``: ``[batch, seconds of
+        the run so far, eval CE]`` at every evaluation.
+    """
+    overrides = [*_overrides(out, max_seq_len, eval_interval, vocab_size, model, steps, seed),
+                 f'variables.save_folder={folder / "checkpoints"}', *extra]
+    start = time.perf_counter()
+    trainer = train(load_config(str(RECIPES / recipe), overrides))
+    wall = time.perf_counter() - start
+    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    curve = [(int(ts.batch), ts.total_wct.total_seconds(), float(v))
+             for ts, v in memory.data.get('metrics/eval/LanguageCrossEntropy', [])]
+    tokens = int(trainer.state.timestamp.token)
+    trainer.close()
+    export_student(str(folder / 'checkpoints' / 'latest-rank0.pt'), str(folder / 'model'))
+    shutil.rmtree(folder / 'checkpoints')
+    return {'steps': steps, 'wall_s': wall, 'tokens': tokens, 'tokens_per_s': tokens / wall, 'eval_curve': curve}
+
+
+def precompute_run(out: Path, folder: Path, max_seq_len: int, top_k: int) -> dict[str, Any]:
+    """``composer-kd precompute-teacher`` with ``teacher_topk.yaml`` over the train and val splits into
+    ``folder/data``; returns the wall time and each split's summary."""
+    start = time.perf_counter()
+    splits = {}
+    for split in ('train', 'val'):
+        overrides = [f'variables.out={out}', f'variables.max_seq_len={max_seq_len}', f'variables.split={split}',
+                     f'variables.top_k={top_k}', f'variables.logprobs={LOGPROBS}',
+                     f'variables.topk_out={folder / "data"}']
+        summary = precompute_teacher(load_precompute_config(str(RECIPES / 'teacher_topk.yaml'), overrides))
+        splits[split] = {k: summary[k] for k in ('samples', 'tokens', 'bytes', 'bytes_per_token', 'wall_s')}
+    return {'wall_s': time.perf_counter() - start, 'top_k': top_k, 'logprobs': LOGPROBS, 'splits': splits}
+
+
+def step_costs_run(out: Path, max_seq_len: int, vocab_size: int, model: tuple[int, int, int], seed: int,
+                   distillation: Sequence[str], top_k: int, rounds: int, warmup: int) -> dict[str, Any]:
+    """Paired step costs of the quickstart's students (labels only, online, offline) and of a precompute batch.
+
+    Every contender is built from ``student.yaml`` as its stage builds it (same data, batch and model), minus
+    eval, checkpoints and loggers; the precompute contender runs the teacher over batches of the same size.
+    """
+    base = [*_overrides(out, max_seq_len, 10**6, vocab_size, model, 10**6, seed), 'eval_loader=null',
+            'variables.save_folder=null', 'loggers=null', 'progress_bar=false']
+    recipe = str(RECIPES / 'student.yaml')
+    trainers = {
+        'labels_only': build_trainer(load_config(recipe, [*base, 'model.teacher=null', 'variables.alpha=1.0'])),
+        'online': build_trainer(load_config(recipe, [*base, *distillation])),
+        'offline': build_trainer(load_config(recipe, [*base, *distillation, *offline_overrides(out)])),
+    }
+    steps = {name: training_step(trainer) for name, trainer in trainers.items()}
+    teacher = AutoModelForCausalLM.from_pretrained(out / 'teacher' / 'model')
+    batch_size = trainers['labels_only'].state.train_dataloader.batch_size
+    loader = build_token_dataloader({'local': str(out / 'data' / 'mds'), 'split': 'train', 'max_seq_len': max_seq_len,
+                                     'shuffle': True, 'shuffle_seed': seed}, batch_size, 0).dataloader
+    steps['precompute'] = precompute_step(TeacherTopKModel(teacher, vocab_size, top_k, [1.0]), loader, LOGPROBS)
+    costs = paired_step_costs(steps, rounds=rounds, warmup=warmup)
+    for trainer in trainers.values():
+        trainer.close()
+    release_shared_memory(loader.dataset)
+    return {**costs, 'batch_size': batch_size}
