@@ -8,7 +8,7 @@ On the quickstart's artifacts (run ``composer-kd quickstart`` first, or ``--fast
   teacher, dense vs top-k, on held-out batches: top-k with exact float32 values, then through each encoding
   (the real encode/decode path); at T = 1 and at T = 2 (with the recorded rest mass at T);
 * ``precompute_throughput``: tokens/s of the precompute loop against the teacher's forward alone, same
-  batches, interleaved (target ≥ 0.9);
+  batches, interleaved (target ≥ 0.9), for the quickstart's teacher and a larger one;
 * ``offline_over_label_only``: training tokens/s of offline distillation ÷ label-only training of the same
   student, by the paired interleaved step measurement (``run/step_costs.py``), for the quickstart student
   and a larger one (target ≥ 0.95).
@@ -18,10 +18,12 @@ On the quickstart's artifacts (run ``composer-kd quickstart`` first, or ``--fast
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from composer_kd import distillation_loss, topk_distillation_loss
 from composer_kd.data import build_token_dataloader
 from composer_kd.data.teacher_topk import decode_teacher, encode_sample, pad_teacher, topk_teacher_from_batch
 from composer_kd.model.teacher_topk_model import topk_logprobs
+from composer_kd.quickstart.tiny_assets import save_gpt2
 from composer_kd.run.config import load_config, load_precompute_config
 from composer_kd.run.precompute import precompute_teacher
 from composer_kd.run.step_costs import paired_step_costs, training_step
@@ -55,9 +58,10 @@ def _subset(out: Path, split: str, samples: int, folder: Path) -> Path:
     return folder
 
 
-def _precompute(out: Path, data: Path, target: Path, k: int, encoding: str, max_seq_len: int,
-                batch: int) -> dict[str, Any]:
+def _precompute(out: Path, data: Path, target: Path, k: int, encoding: str, max_seq_len: int, batch: int,
+                teacher: Path | None = None) -> dict[str, Any]:
     overrides = [f'variables.out={out}', f'variables.max_seq_len={max_seq_len}', f'variables.top_k={k}',
+                 f'variables.teacher={teacher or out / "teacher" / "model"}',
                  f'variables.logprobs={encoding}', f'variables.topk_out={target}',
                  f'precompute.dataset.local={data}', f'precompute.device_batch_size={batch}',
                  f'precompute.samples_per_part={batch * 1000}', 'precompute.progress_bar=false']
@@ -152,16 +156,25 @@ def _student_trainer(out: Path, vocab: int, model: str, data: Path | None, max_s
 
 
 def main() -> None:
+    # Only the JSON goes to stdout: the commands' own progress lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _measure()
+    print(json.dumps(result, indent=1))
+
+
+def _measure() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quickstart-out', default='quickstart-out', help='a finished quickstart folder')
     parser.add_argument('--samples', type=int, default=1024, help='train samples precomputed per setting')
     parser.add_argument('--kd-batches', type=int, default=16, help='held-out batches of 16 for the KD errors')
     parser.add_argument('--rounds', type=int, default=30, help='paired rounds of the step measurement')
     parser.add_argument('--students', default='1x96,4x256', help='LAYERSxWIDTH students for the step ratio')
+    parser.add_argument('--larger-teachers', default='8x512', help='LAYERSxWIDTH teachers (random) also timed '
+                        'for the precompute throughput')
     parser.add_argument('--quick', action='store_true', help='tiny sizes: checks the script end to end')
     args = parser.parse_args()
     if args.quick:
-        args.samples, args.kd_batches, args.rounds, args.students = 64, 2, 3, '1x32'
+        args.samples, args.kd_batches, args.rounds, args.students, args.larger_teachers = 64, 2, 3, '1x32', '1x64'
     out = Path(args.quickstart_out).resolve()
     if not (out / 'results.json').is_file():
         raise SystemExit(f'{out} is not a finished quickstart folder: run `composer-kd quickstart --out {out}` first')
@@ -183,21 +196,31 @@ def main() -> None:
                 summaries[(k, encoding)] = summary
         result['bytes_per_token'] = bytes_per_token
 
-        # The precompute loop against the teacher's forward alone, interleaved: forward, k=32, forward, k=128 ...
-        teacher = AutoModelForCausalLM.from_pretrained(out / 'teacher' / 'model').eval()
-        forward, loops = [], {32: [], 128: []}
-        for repeat in range(2):
-            forward.append(_teacher_forward_s(teacher, data, max_seq_len, 64))
-            for k in loops:
-                summary = _precompute(out, data, tmp / f'again-{k}-{repeat}', k, 'uint8', max_seq_len, 64)
-                loops[k].append((summary['loop_s'], summary['tokens']))
-        forward_tps = statistics.median(tokens / s for s, tokens in forward)
-        result['precompute_throughput'] = {
-            'teacher_forward_tokens_per_s': forward_tps,
-            **{f'k{k}/uint8': {'tokens_per_s': statistics.median(t / s for s, t in v),
-                               'over_teacher_forward': statistics.median(t / s for s, t in v) / forward_tps}
-               for k, v in loops.items()},
-        }
+        # The precompute loop against the teacher's forward alone, interleaved: forward, k=32, k=128, forward, ...
+        # for the quickstart's teacher and for a larger one (random weights: the cost does not depend on them).
+        teachers = {'quickstart teacher 3x192': out / 'teacher' / 'model'}
+        for spec in filter(None, args.larger_teachers.split(',')):
+            layers, width = map(int, spec.split('x'))
+            folder = tmp / f'teacher-{spec}'
+            save_gpt2(str(folder), vocab, layers, width, max(1, width // 64), max_seq_len, seed=0)
+            teachers[f'random teacher {spec}'] = folder
+        result['precompute_throughput'] = {}
+        for name, folder in teachers.items():
+            teacher = AutoModelForCausalLM.from_pretrained(folder).eval()
+            forward, loops = [], {32: [], 128: []}
+            for repeat in range(2):
+                forward.append(_teacher_forward_s(teacher, data, max_seq_len, 64))
+                for k in loops:
+                    summary = _precompute(out, data, tmp / f'again-{name[-5:]}-{k}-{repeat}', k, 'uint8', max_seq_len,
+                                          64, teacher=folder)
+                    loops[k].append((summary['loop_s'], summary['tokens']))
+            forward_tps = statistics.median(tokens / s for s, tokens in forward)
+            result['precompute_throughput'][name] = {
+                'teacher_forward_tokens_per_s': forward_tps,
+                **{f'k{k}/uint8': {'tokens_per_s': statistics.median(t / s for s, t in v),
+                                   'over_teacher_forward': statistics.median(t / s for s, t in v) / forward_tps}
+                   for k, v in loops.items()},
+            }
         result['kd_error'] = kd_errors(out, max_seq_len, args.kd_batches)
 
         ratios = {}
@@ -214,7 +237,7 @@ def main() -> None:
             for trainer in trainers.values():
                 trainer.close()
         result['offline_over_label_only'] = ratios
-    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == '__main__':

@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True)
 
     p = commands.add_parser('quickstart', help='make a corpus, tokenizer, data and teacher from this machine, distill '
-                            'a student, compare it with label-only baselines and report (offline)')
+                            'a student from the teacher online and from its precomputed top-k, compare both with '
+                            'label-only students of equal cost and report (no network)')
     p.add_argument('--out', default='quickstart-out', help='output folder; a rerun skips complete stages')
     p.add_argument('--fast', action='store_true', help='small sizes, under 2 minutes (same code path)')
     p.add_argument('--corpus', default=None, help='folder of .py files to use instead of the standard library')

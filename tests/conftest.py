@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from helpers import edit_config
 from omegaconf import OmegaConf
 from streaming import StreamingDataset
 
@@ -88,15 +89,8 @@ def write_config(tmp_path: Path, tiny_assets: Path) -> Callable[..., Path]:
         cfg.save_folder = str(tmp_path / 'runs' / '{run_name}' / 'checkpoints')
         for loader in ('train_loader', 'eval_loader'):
             cfg[loader].dataset.local = str(data)
-        for key, value in edits.items():
-            if value is None:
-                parent, _, leaf = key.rpartition('.')
-                node = OmegaConf.select(cfg, parent) if parent else cfg
-                del node[leaf]
-            else:
-                OmegaConf.update(cfg, key, value, force_add=True)
         path = tmp_path / 'config.yaml'
-        OmegaConf.save(cfg, path)
+        OmegaConf.save(edit_config(cfg, edits), path)
         return path
 
     return write

@@ -1,6 +1,9 @@
-"""Small builders shared by the tests."""
+"""Small builders and checks shared by the tests."""
+
+from typing import Any, Callable, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
@@ -11,3 +14,40 @@ def tiny_gpt2(vocab_size: int = 48, n_layer: int = 1, n_embd: int = 16, seed: in
     config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=64,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).to(dtype)
+
+
+def assert_cli_error(capture: Any, args: list[str], match: str) -> None:
+    """``composer-kd ARGS`` exits with status 2 and prints one line, ``composer-kd COMMAND: error: ...``, that
+    contains ``match`` (``capture`` is pytest's ``capsys`` or ``capfd``)."""
+    from composer_kd.cli import main
+    assert main(args) == 2
+    err = capture.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'composer-kd {args[0]}: error:'), err
+    assert match in err[0], err[0]
+
+
+def edit_config(cfg: DictConfig, edits: Mapping[str, Any]) -> DictConfig:
+    """Sets each dotted key of ``edits`` in ``cfg`` (a value of None deletes the key)."""
+    for key, value in edits.items():
+        if value is None:
+            parent, _, leaf = key.rpartition('.')
+            del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+        else:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def assert_gradient_matches_finite_differences(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                               directions: int = 3) -> None:
+    """Directional derivatives of ``loss`` at float64 ``x``, (L(x + e·v) − L(x − e·v)) / 2e, against
+    ⟨∇L, v⟩ from one backward of a scaled loss (as Composer scales microbatch losses)."""
+    leaf = x.clone().requires_grad_(True)
+    out = loss(leaf)
+    assert out.dtype == torch.float64
+    (out * 3.0).backward()
+    g = torch.Generator().manual_seed(7)
+    for _ in range(directions):
+        v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        eps = 1e-6
+        numeric = (loss(x + eps * v) - loss(x - eps * v)).item() / (2 * eps)
+        assert abs(3.0 * numeric - (leaf.grad * v).sum().item()) <= 1e-6 * abs(3.0 * numeric) + 1e-9

@@ -5,16 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_cli_error
 
 from composer_kd.cli import main
 from composer_kd.quickstart.tiny_assets import save_gpt2, train_bpe_tokenizer
 
 
 def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, match: str) -> None:
-    assert main(['train', str(config), *overrides]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('composer-kd train: error:'), err
-    assert match in err[0], err[0]
+    assert_cli_error(capsys, ['train', str(config), *overrides], match)
     assert not (tmp_path / 'runs').exists()
 
 

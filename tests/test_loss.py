@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_gradient_matches_finite_differences
 from reference import divergence as _reference_divergence
 from reference import softmax as _softmax
 
@@ -137,16 +138,7 @@ def test_gradient_matches_finite_differences(divergence: str, kwargs: dict, temp
         return distillation_loss(s, teacher, labels, alpha=0.3, temperature=temperature, divergence=divergence,
                                  chunk_elements=25, **kwargs)['total']  # 2 rows a chunk: many chunks
 
-    leaf = student.clone().requires_grad_(True)
-    out = loss(leaf)
-    assert out.dtype == torch.float64
-    (out * 3.0).backward()  # a scaled loss, as Composer scales microbatch losses
-    g = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        v = torch.randn(student.shape, generator=g, dtype=torch.float64)
-        eps = 1e-6
-        numeric = (loss(student + eps * v) - loss(student - eps * v)).item() / (2 * eps)
-        assert 3.0 * numeric == pytest.approx((leaf.grad * v).sum().item(), rel=1e-6, abs=1e-9)
+    assert_gradient_matches_finite_differences(loss, student)
 
 
 def test_backward_runs_once() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_cli_error, edit_config
 from omegaconf import OmegaConf
 from streaming import MDSWriter, StreamingDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,14 +68,8 @@ def offline_config(tmp_path: Path, tiny_assets: Path, topk: Path):
         cfg.eval_interval = '4ba'
         cfg.eval_subset_num_batches = 2
         cfg.log_to_console = False
-        for key, value in edits.items():
-            if value is None:
-                parent, _, leaf = key.rpartition('.')
-                del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
-            else:
-                OmegaConf.update(cfg, key, value, force_add=True)
         path = tmp_path / 'offline.yaml'
-        OmegaConf.save(cfg, path)
+        OmegaConf.save(edit_config(cfg, edits), path)
         return path
 
     return write
@@ -107,10 +102,7 @@ def test_plain_eval_data_skips_the_teacher_metrics(caplog, offline_config, tiny_
 
 
 def _fails(capsys: pytest.CaptureFixture, tmp_path: Path, config: Path, *overrides: str, match: str) -> None:
-    assert main(['train', str(config), *overrides]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('composer-kd train: error:'), err
-    assert match in err[0], err[0]
+    assert_cli_error(capsys, ['train', str(config), *overrides], match)
     assert not (tmp_path / 'runs').exists()
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from helpers import assert_cli_error
 from omegaconf import OmegaConf
 from streaming import MDSWriter, StreamingDataset
 from transformers import AutoModelForCausalLM
@@ -130,10 +131,7 @@ def test_killed_run_is_finished_by_the_same_command(tmp_path: Path, precompute_c
 
 
 def _fails(capsys: pytest.CaptureFixture, config: Path, *overrides: str, match: str) -> None:
-    assert main(['precompute-teacher', str(config), *overrides]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('composer-kd precompute-teacher: error:'), err
-    assert match in err[0], err[0]
+    assert_cli_error(capsys, ['precompute-teacher', str(config), *overrides], match)
 
 
 @pytest.mark.parametrize('overrides,match', [

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_cli_error
 from transformers import AutoModelForCausalLM
 
 from composer_kd.cli import main
@@ -79,9 +80,7 @@ def test_interrupted_stage_restarts_and_complete_stages_stay(capfd, tmp_path: Pa
 
 
 def _fails(capfd: pytest.CaptureFixture, args: list[str], match: str) -> None:
-    assert main(['quickstart', '--fast', *args]) == 2
-    err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    assert_cli_error(capfd, ['quickstart', '--fast', *args], match)
 
 
 def test_bad_inputs(capfd, tmp_path: Path, fast_run: Path) -> None:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_gradient_matches_finite_differences
 from reference import divergence as reference_divergence
 from reference import softmax
 
@@ -154,14 +155,7 @@ def test_gradient_matches_finite_differences(divergence: str, kwargs: dict, temp
                                       divergence=divergence, teacher_rest_logprob=rest.double(), chunk_elements=25,
                                       **kwargs)['total']
 
-    leaf = student.clone().requires_grad_(True)
-    (loss(leaf) * 3.0).backward()
-    g = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        v = torch.randn(student.shape, generator=g, dtype=torch.float64)
-        eps = 1e-6
-        numeric = (loss(student + eps * v) - loss(student - eps * v)).item() / (2 * eps)
-        assert 3.0 * numeric == pytest.approx((leaf.grad * v).sum().item(), rel=1e-6, abs=1e-9)
+    assert_gradient_matches_finite_differences(loss, student)
 
 
 @pytest.mark.parametrize('divergence', sorted(DIVERGENCES))

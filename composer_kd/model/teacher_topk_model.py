@@ -47,14 +47,20 @@ def topk_logprobs(logits: torch.Tensor,
     rest = torch.empty(n, len(temperatures), dtype=torch.float32, device=logits.device)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        scaled = logits[rows, :vocab].float()
-        log_p = F.log_softmax(scaled, dim=-1)
+        log_p = F.log_softmax(logits[rows, :vocab].float(), dim=-1)
         values[rows], ids[rows] = log_p.topk(k, dim=-1)
-        outside = torch.ones_like(log_p, dtype=torch.bool).scatter_(1, ids[rows], False)
         for m, temperature in enumerate(temperatures):
-            tempered = log_p if temperature == 1.0 else F.log_softmax(scaled / temperature, dim=-1)
-            rest[rows, m] = tempered.masked_fill(~outside, float('-inf')).logsumexp(dim=-1)
+            tempered = log_p if temperature == 1.0 else F.log_softmax(log_p / temperature, dim=-1)
+            rest[rows, m] = _log_rest(tempered, ids[rows])
     return ids, values, rest
+
+
+def _log_rest(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ of ``exp(log_p)`` outside ``ids`` per row: all minus the top entries, summed in float64, so the
+    difference is exact to ~1e-16 (a rest below that is stored as 0 mass, −inf)."""
+    p = log_p.exp()
+    rest = p.sum(dim=-1, dtype=torch.float64) - p.gather(1, ids).sum(dim=-1, dtype=torch.float64)
+    return rest.clamp(min=0.0).log().float()
 
 
 class TeacherTopKModel(ComposerModel):
