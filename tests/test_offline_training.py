@@ -110,14 +110,23 @@ def _fails(capsys: pytest.CaptureFixture, tmp_path: Path, config: Path, *overrid
     (['train_loader.dataset.max_seq_len=256'], 'train_loader.dataset.max_seq_len=256 is longer than the 128 tokens'),
     (['model.distillation.temperature=1.5'], 'model.distillation.temperature=1.5: the precomputed teacher at'),
     (['model.teacher.precomputed=false'], 'model.teacher.precomputed must be true'),
-    (['model.teacher.pretrained_model_name_or_path=/elsewhere'], "but the teacher at"),
+    (['model.teacher.pretrained_model_name_or_path=ASSETS/student'], 'was precomputed from another model'),
     (['callbacks.early_stopper.monitor=TeacherDivergenceLoss', 'eval_loader.dataset.local=PLAIN'],
      'callbacks.early_stopper.monitor: the eval data at'),
     (['train_loader.dataset.local=PLAIN'], 'train_loader.dataset: no precomputed teacher at'),
 ])
 def test_refused_before_training(capsys, tmp_path: Path, tiny_assets: Path, offline_config, overrides, match) -> None:
-    overrides = [o.replace('PLAIN', str(tiny_assets / 'data')) for o in overrides]
+    overrides = [o.replace('PLAIN', str(tiny_assets / 'data')).replace('ASSETS', str(tiny_assets)) for o in overrides]
     _fails(capsys, tmp_path, offline_config(), *overrides, match=match)
+
+
+def test_the_recipes_teacher_may_be_named_wherever_it_lies(tmp_path: Path, tiny_assets: Path, offline_config) -> None:
+    # The data was precomputed by a copy of the tiny teacher that is gone; another copy, elsewhere, is the same model.
+    shutil.copytree(tiny_assets / 'teacher', tmp_path / 'moved-teacher')
+    config = offline_config(**{'model.teacher.pretrained_model_name_or_path': str(tmp_path / 'moved-teacher')})
+    trainer = train(load_config(str(config)))
+    assert trainer.state.model.teacher is None and int(trainer.state.timestamp.batch) == 4
+    trainer.close()
 
 
 def test_other_tokenizer_is_refused(capsys, tmp_path: Path, offline_config) -> None:

@@ -38,8 +38,8 @@ from composer_kd.losses.topk import TopKTeacher
 
 __all__ = [
     'ENCODINGS', 'METADATA_FILE', 'TEACHER_IDS', 'TEACHER_LOGPROBS', 'TEACHER_REST', 'TOKENS', 'SAMPLE_INDEX',
-    'decode_teacher', 'encode_sample', 'id_dtype', 'mds_columns', 'read_metadata', 'rest_column',
-    'tokenizer_fingerprint', 'topk_teacher_from_batch', 'pad_teacher'
+    'decode_teacher', 'encode_sample', 'id_dtype', 'mds_columns', 'read_metadata', 'rest_column', 'same_teacher',
+    'teacher_fingerprint', 'tokenizer_fingerprint', 'topk_teacher_from_batch', 'pad_teacher'
 ]
 
 FORMAT_NAME = 'composer-kd teacher top-k'
@@ -170,6 +170,38 @@ def topk_teacher_from_batch(batch: Mapping[str, Any]) -> Optional[TopKTeacher]:
     top_mass = torch.log1p(-rest_t1.exp().clamp(max=1.0))  # log(1 − rest mass at T = 1)
     logprobs = log_ratios - log_ratios.logsumexp(dim=-1, keepdim=True) + top_mass[..., None]
     return TopKTeacher(batch[TEACHER_IDS], logprobs, rest)
+
+
+_WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.json')
+_SAMPLED = 1 << 20  # bytes read from each end of each file
+
+
+def teacher_fingerprint(source: str) -> Optional[str]:
+    """SHA-256 of a local model folder's weights and config: every such file's name, size and first and last MiB
+    (so a moved or copied folder keeps its fingerprint, another checkpoint does not). None for a hub id."""
+    folder = os.path.expanduser(source)
+    if not os.path.isdir(folder):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith(_WEIGHT_SUFFIXES) or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        digest.update(f'{name}:{size}:'.encode())
+        with open(path, 'rb') as f:
+            digest.update(f.read(_SAMPLED))
+            f.seek(max(size - _SAMPLED, 0))
+            digest.update(f.read(_SAMPLED))
+    return digest.hexdigest()
+
+
+def same_teacher(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two records' ``teacher`` entries are the same model: by fingerprint when both have one (a
+    local folder, wherever it lies now), else by source (a hub id)."""
+    if a.get('fingerprint') and b.get('fingerprint'):
+        return a['fingerprint'] == b['fingerprint']
+    return a.get('source') == b.get('source')
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

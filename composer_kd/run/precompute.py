@@ -40,6 +40,7 @@ from composer_kd.data.teacher_topk import (
     encode_sample,
     mds_columns,
     read_metadata,
+    teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from composer_kd.data.tokens import TokenDataset, collate_tokens
@@ -300,6 +301,7 @@ def _metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, teacher: An
         'format': FORMAT_NAME,
         'version': FORMAT_VERSION,
         'teacher': {'source': str(teacher_cfg.get('pretrained_model_name_or_path') or 'config'),
+                    'fingerprint': teacher_fingerprint(teacher_cfg.get('pretrained_model_name_or_path') or ''),
                     'config': teacher_cfg, 'embedding_rows': embedding_rows(teacher)},
         'tokenizer': plan['tokenizer'],
         'vocab_size': plan['tokenizer']['size'],

@@ -12,6 +12,8 @@ from composer_kd.data.teacher_topk import (
     FORMAT_VERSION,
     METADATA_FILE,
     read_metadata,
+    same_teacher,
+    teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from composer_kd.errors import ConfigError
@@ -59,15 +61,19 @@ def _check_against(key: str, dataset: Mapping[str, Any], meta: Mapping[str, Any]
 
 def _check_teacher_source(teacher: Mapping[str, Any], dataset: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """A ``model.teacher`` that still names its model (say, a recipe with ``model.teacher.precomputed=true`` added
-    on the command line) must name the one the data was precomputed from."""
+    on the command line) must name the one the data was precomputed from: the same weights if it is a local
+    folder (wherever it lies now), the same id otherwise. A folder that is gone is not checked."""
     source = teacher.get('pretrained_model_name_or_path')
-    if source is None:
+    if source is None or (_looks_like_folder(source) and not os.path.isdir(os.path.expanduser(source))):
         return
-    if os.path.isdir(os.path.expanduser(source)):
-        source = os.path.abspath(os.path.expanduser(source))
-    if source != meta['teacher']['source']:
+    named = {'source': source, 'fingerprint': teacher_fingerprint(source)}
+    if not same_teacher(named, meta['teacher']):
         raise ConfigError(f'model.teacher.pretrained_model_name_or_path={source!r}, but the teacher at '
-                          f'{_where(dataset)} was precomputed from {meta["teacher"]["source"]!r}')
+                          f'{_where(dataset)} was precomputed from another model ({meta["teacher"]["source"]!r})')
+
+
+def _looks_like_folder(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1
 
 
 def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
@@ -104,7 +110,7 @@ def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
                     _where(evaluation))
         return train_meta, None
     _check_against('eval_loader.dataset', evaluation, eval_meta, temperature)
-    if eval_meta['teacher'] != train_meta['teacher']:
+    if not same_teacher(eval_meta['teacher'], train_meta['teacher']):
         raise ConfigError(f'eval_loader.dataset: the teacher precomputed at {_where(evaluation)} is not the one at '
                           f'{_where(train)} ({eval_meta["teacher"]["source"]} vs {train_meta["teacher"]["source"]})')
     return train_meta, eval_meta
