@@ -17,7 +17,6 @@ less to do runs copies of a real batch whose outputs are dropped.
 """
 
 import contextlib
-import importlib.metadata
 import logging
 import math
 import os
@@ -35,13 +34,8 @@ from tqdm import tqdm
 
 from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.teacher_topk import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     encode_sample,
     mds_columns,
-    read_metadata,
-    teacher_fingerprint,
-    tokenizer_fingerprint,
 )
 from composer_kd.data.tokens import TokenDataset, collate_tokens
 from composer_kd.data.topk_parts import (
@@ -50,7 +44,6 @@ from composer_kd.data.topk_parts import (
     complete_parts,
     merge_parts,
     publish_metadata,
-    read_json,
     remove_partial_parts,
     upload_part,
     write_json,
@@ -59,24 +52,13 @@ from composer_kd.data.topk_parts import (
 from composer_kd.errors import ConfigError
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.model.vocab import embedding_rows
+from composer_kd.run import precompute_record as record
 from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
 from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
 
 __all__ = ['precompute_teacher']
 
 log = logging.getLogger(__name__)
-
-ENCODING_DESCRIPTIONS = {
-    'float16': 'teacher_topk_logprobs: the K log-probabilities at temperature 1 as float16',
-    'uint8': ('teacher_topk_uint8: entries 2..K as round(255 * (p(i) / p(1)) ** (1/3)), code 0 read as 0.25; '
-              'absolute values from teacher_rest_logprob_t1: p(i) = (1 - rest) * ratio(i) / sum(ratios)'),
-}
-TEMPERATURE_SEMANTICS = (
-    'Log-probs are log_softmax of the teacher logits (cut to the tokenizer length) at temperature 1. '
-    'teacher_rest_logprob_t{T} is log of the teacher mass outside the K ids in softmax(logits / T), computed in '
-    'float32 from the full logits. At temperature T the loss uses p_T(i) = (1 - rest_T) * softmax(logprobs / T)(i), '
-    'exact for every recorded T.')
-
 
 class _Batches(torch.utils.data.IterableDataset):
     """This rank's whole batches of source samples, in order: ``input_ids``, ``attention_mask``, ``sample_index``
@@ -124,38 +106,6 @@ class _TopKWriter(Callback):
             self.progress.update(int(counts[0]))
             rate = self.tokens / max(self.progress.format_dict['elapsed'], 1e-9)
             self.progress.set_postfix_str(f'{rate:,.0f} tok/s', refresh=False)
-
-
-def _plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, samples: int) -> dict[str, Any]:
-    """What the output depends on; a rerun must find the same plan to continue an earlier run's parts."""
-    teacher = dict(cfg['model']['teacher'])
-    local = settings.dataset.get('local')
-    source = teacher.get('pretrained_model_name_or_path')
-    if source is not None and os.path.isdir(os.path.expanduser(source)):
-        teacher['pretrained_model_name_or_path'] = os.path.abspath(os.path.expanduser(source))
-    return {
-        'teacher': teacher,
-        'tokenizer': {'name': str(cfg['tokenizer']['name']), 'size': len(tokenizer),
-                      'fingerprint': tokenizer_fingerprint(tokenizer)},
-        'source': {'local': os.path.abspath(local) if local else None, 'remote': settings.dataset.get('remote'),
-                   'split': settings.dataset.get('split'), 'samples': samples},
-        'max_seq_len': settings.max_seq_len, 'top_k': settings.top_k, 'logprobs': settings.encoding,
-        'temperatures': list(settings.temperatures), 'samples_per_part': settings.samples_per_part,
-        'compression': settings.compression, 'precision': settings.precision,
-    }
-
-
-def _check_plan(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """Refuses an output folder planned with other settings; returns the metadata when it is complete."""
-    earlier = read_json(os.path.join(settings.split_dir, PLAN_FILE))
-    if earlier is not None and earlier != plan:
-        key = next(k for k in sorted(set(plan) | set(earlier)) if plan.get(k) != earlier.get(k))
-        raise ConfigError(f'precompute.out: {settings.split_dir} holds a precompute with other settings ({key}: '
-                          f'{earlier.get(key)!r} there, {plan.get(key)!r} now); use another folder or remove it')
-    if earlier is None and os.path.isdir(settings.split_dir) and os.listdir(settings.split_dir):
-        raise ConfigError(f'precompute.out: {settings.split_dir} exists and is not a precompute-teacher output; '
-                          'use an empty or new folder')
-    return read_metadata(settings.out_local, None, settings.dataset.get('split')) if earlier is not None else None
 
 
 def _rounds(remaining: Sequence[int], world_size: int, total: int, settings: PrecomputeSettings,
@@ -213,16 +163,16 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         source[0]  # a dataset without a tokens column fails here, with its columns named
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'precompute.dataset: {str(e).splitlines()[0]}') from e
-    plan = _plan(cfg, settings, tokenizer, total)
-    metadata = _check_plan(settings, plan)
+    plan = record.plan(cfg, settings, tokenizer, total)
+    metadata = record.check_plan(settings, plan)
     dist.barrier()  # every rank has read the folder before rank 0 writes to it
     if metadata is not None:
         release_shared_memory(source)
         if rank == 0:
             print(f'precompute-teacher: {settings.split_dir} is complete ({metadata["samples"]} samples, '
                   f'{metadata["tokens"]} tokens, k={metadata["top_k"]}); nothing to do')
-        return {**_summary(metadata), 'wall_s': time.perf_counter() - start_time, 'loop_s': 0.0, 'parts_written': 0,
-                'parts_kept': metadata['parts']['count'], 'complete_before': True}
+        return {**record.summary(metadata), 'wall_s': time.perf_counter() - start_time, 'loop_s': 0.0,
+                'parts_written': 0, 'parts_kept': metadata['parts']['count'], 'complete_before': True}
     if rank == 0:
         os.makedirs(settings.split_dir, exist_ok=True)
         for name in remove_partial_parts(settings.split_dir):
@@ -280,9 +230,9 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
             for p in parts:
                 upload_part(settings.split_dir, settings.remote_split, p)
         totals = merge_parts(settings.split_dir, settings.remote_split, parts)
-        metadata = _metadata(plan, settings, teacher, columns, totals, num_parts)
+        metadata = record.metadata(plan, settings, teacher, columns, totals, num_parts)
         publish_metadata(settings.split_dir, settings.remote_split, metadata)
-        summary = _summary(metadata)
+        summary = record.summary(metadata)
         wall = time.perf_counter() - start_time
         print(f'precompute-teacher: {summary["samples"]} samples, {summary["tokens"]} tokens, '
               f'{summary["bytes_per_token"]:.1f} bytes/token ({summary["bytes"] / 1e6:.1f} MB), {wall:.1f} s '
@@ -291,38 +241,3 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     summary = dist.all_gather_object(summary)[0]
     return {**summary, 'wall_s': time.perf_counter() - start_time, 'loop_s': loop_s, 'parts_written': len(remaining),
             'parts_kept': len(kept), 'complete_before': False}
-
-
-def _metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, teacher: Any, columns: Mapping[str, str],
-              totals: Mapping[str, int], num_parts: int) -> dict[str, Any]:
-    """The ``teacher_topk.json`` of a finished split."""
-    teacher_cfg = plan['teacher']
-    return {
-        'format': FORMAT_NAME,
-        'version': FORMAT_VERSION,
-        'teacher': {'source': str(teacher_cfg.get('pretrained_model_name_or_path') or 'config'),
-                    'fingerprint': teacher_fingerprint(teacher_cfg.get('pretrained_model_name_or_path') or ''),
-                    'config': teacher_cfg, 'embedding_rows': embedding_rows(teacher)},
-        'tokenizer': plan['tokenizer'],
-        'vocab_size': plan['tokenizer']['size'],
-        'top_k': settings.top_k,
-        'logprob_encoding': {'name': settings.encoding, 'description': ENCODING_DESCRIPTIONS[settings.encoding]},
-        'max_seq_len': settings.max_seq_len,
-        'temperatures': list(settings.temperatures),
-        'temperature_semantics': TEMPERATURE_SEMANTICS,
-        'columns': dict(columns),
-        'source': plan['source'],
-        'samples': totals['samples'],
-        'tokens': totals['tokens'],
-        'bytes': totals['bytes'],
-        'compressed_bytes': totals['zip_bytes'],
-        'parts': {'count': num_parts, 'samples_per_part': settings.samples_per_part},
-        'precision': settings.precision,
-        'composer_kd_version': importlib.metadata.version('composer-kd'),
-    }
-
-
-def _summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    return {'samples': metadata['samples'], 'tokens': metadata['tokens'], 'bytes': metadata['bytes'],
-            'bytes_per_token': metadata['bytes'] / max(metadata['tokens'], 1)}
-
