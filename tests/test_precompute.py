@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from composer_kd.cli import main
 from composer_kd.data.teacher_topk import decode_teacher, pad_teacher, topk_teacher_from_batch
+from composer_kd.run.config import load_config
+from composer_kd.run.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / 'yamls' / 'tiny-cpu-precompute.yaml'
@@ -172,3 +174,27 @@ def test_dataset_without_tokens_is_refused(capsys, tmp_path: Path, precompute_co
         writer.write({'text': 'no tokens here'})
     _fails(capsys, precompute_config(), f'precompute.dataset.local={tmp_path / "text"}',
            match="precompute.dataset: MDS samples need a 'tokens' column")
+
+
+def test_remote_output_trains_from_the_remote_alone(tmp_path: Path, tiny_assets: Path, precompute_config) -> None:
+    # A local folder as the "remote" (any URI Streaming uploads to behaves the same): the parts, the merged index
+    # and the metadata are uploaded; a run that has only the remote downloads the record and the shards.
+    remote = tmp_path / 'remote'
+    config = precompute_config(**{'precompute.out.remote': str(remote), 'precompute.samples_per_part': 128})
+    assert main(['precompute-teacher', str(config)]) == 0
+    split = remote / 'val'
+    assert (split / 'index.json').is_file() and (split / 'teacher_topk.json').is_file()
+    assert sorted(p.name for p in split.glob('part-*')) == [f'part-0000{i}' for i in range(4)]
+    assert _samples(split) and len(_samples(split)) == 390
+    cfg = OmegaConf.load(REPO / 'yamls' / 'tiny-cpu-offline.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    for loader, cache in (('train_loader', 'cache-train'), ('eval_loader', 'cache-eval')):
+        cfg[loader].dataset.update({'remote': str(remote), 'local': str(tmp_path / cache), 'split': 'val'})
+    cfg.save_folder = None
+    cfg.max_duration = '2ba'
+    cfg.log_to_console = False
+    offline = tmp_path / 'offline.yaml'
+    OmegaConf.save(cfg, offline)
+    trainer = train(load_config(str(offline)))
+    assert 'TeacherDivergenceLoss' in trainer.state.eval_metrics['eval']  # the eval record came from the remote
+    trainer.close()
