@@ -12,13 +12,14 @@ from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
 
 __all__ = [
-    'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer'
+    'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer',
+    'looks_local'
 ]
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """True for names that can only be a local folder (a hub id is ``name`` or ``org/name``)."""
     return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or os.sep != '/' and os.sep in name
 
@@ -32,7 +33,7 @@ def check_model_source(key: str, cfg: Mapping[str, Any]) -> None:
 def _check_source(key: str, name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise ConfigError(f'{key} must be a folder or a Hugging Face model id, got {name!r}')
-    if not os.path.isdir(os.path.expanduser(name)) and _looks_local(name):
+    if not os.path.isdir(os.path.expanduser(name)) and looks_local(name):
         raise ConfigError(f'{key}: folder {name!r} does not exist')
     return os.path.expanduser(name)
 

@@ -17,6 +17,7 @@ from composer_kd.data.teacher_topk import (
     tokenizer_fingerprint,
 )
 from composer_kd.errors import ConfigError
+from composer_kd.run.hf_loading import looks_local
 
 __all__ = ['is_precomputed', 'check_precomputed_data', 'check_precomputed_tokenizer', 'distillation_temperature']
 
@@ -64,16 +65,12 @@ def _check_teacher_source(teacher: Mapping[str, Any], dataset: Mapping[str, Any]
     on the command line) must name the one the data was precomputed from: the same weights if it is a local
     folder (wherever it lies now), the same id otherwise. A folder that is gone is not checked."""
     source = teacher.get('pretrained_model_name_or_path')
-    if source is None or (_looks_like_folder(source) and not os.path.isdir(os.path.expanduser(source))):
+    if source is None or (looks_local(source) and not os.path.isdir(os.path.expanduser(source))):
         return
     named = {'source': source, 'fingerprint': teacher_fingerprint(source)}
     if not same_teacher(named, meta['teacher']):
         raise ConfigError(f'model.teacher.pretrained_model_name_or_path={source!r}, but the teacher at '
                           f'{_where(dataset)} was precomputed from another model ({meta["teacher"]["source"]!r})')
-
-
-def _looks_like_folder(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1
 
 
 def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
