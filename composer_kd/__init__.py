@@ -4,6 +4,7 @@ from composer_kd.data.tokens import token_data_spec as token_data_spec
 from composer_kd.errors import ConfigError as ConfigError
 from composer_kd.losses.dense import distillation_loss as distillation_loss
 from composer_kd.losses.divergences import DIVERGENCES as DIVERGENCES
+from composer_kd.losses.ensemble import ensemble_teacher_logits as ensemble_teacher_logits
 from composer_kd.losses.topk import TopKTeacher as TopKTeacher
 from composer_kd.losses.topk import topk_distillation_loss as topk_distillation_loss
 from composer_kd.model.distillation_model import DistillationModel as DistillationModel
@@ -20,6 +21,7 @@ __all__ = [
     'TeacherTop1Agreement',
     'TopKTeacher',
     'distillation_loss',
+    'ensemble_teacher_logits',
     'token_data_spec',
     'topk_distillation_loss',
 ]

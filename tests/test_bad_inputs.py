@@ -35,6 +35,16 @@ def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, mat
      "callbacks.early_stopper.dataloader_label='eval' needs an eval_loader"),
     (['autoresume=true', 'run_name=null'], 'autoresume: true needs a run_name'),
     (['fsdp_config.sharding_strategy=FULL_SHARD', 'global_train_batch_size=8'], None),  # 1 process: a warning only
+    (['model.teachers=[{pretrained_model_name_or_path: x}]'], 'give model.teacher (one teacher) or model.teachers'),
+    (['model.teacher=null', 'model.teachers=[]'], 'model.teachers must be a non-empty list'),
+    (['model.teacher=null', 'model.teachers=[x]'], 'model.teachers.0 must be a mapping'),
+    (['model.teacher=null', 'model.teachers=[{pretrained_model_name_or_path: /no/such, wieght: 1}]'],
+     'unknown key model.teachers.0.wieght'),
+    (['model.teacher=null', 'model.teachers=[{config: {model_type: gpt2}, weight: 0}]'],
+     'model.teachers.0.weight must be a positive number, got 0'),
+    (['model.distillation.ensemble=mean'], "model.distillation.ensemble='mean': use one of ['probs', 'logits']"),
+    (['model.teacher=null', 'model.teachers=[{pretrained_model_name_or_path: /no/such/teacher}]'],
+     "model.teachers.0.pretrained_model_name_or_path: folder '/no/such/teacher' does not exist"),
 ])
 def test_bad_config_values(capsys, tmp_path, write_config, overrides, match) -> None:
     config = write_config(**{'max_duration': '1ba', 'eval_loader': None, 'save_interval': '1ba'})
@@ -72,6 +82,11 @@ def test_teacher_with_a_different_tokenizer(capsys, tmp_path, tiny_assets, write
     train_bpe_tokenizer([str(text)], vocab_size=400, out_dir=str(teacher))
     _fails(capsys, tmp_path, write_config(), f'model.teacher.pretrained_model_name_or_path={teacher}',
            match='model.teacher: the model.teacher tokenizer maps token')
+    # Each member of an ensemble is checked, and named by its place in the list.
+    ensemble = f'model.teachers=[{{pretrained_model_name_or_path: {tiny_assets / "teacher"}}}, ' \
+               f'{{pretrained_model_name_or_path: {teacher}}}]'
+    _fails(capsys, tmp_path, write_config(), 'model.teacher=null', ensemble,
+           match='model.teachers.1: the model.teachers.1 tokenizer maps token')
 
 
 def test_tokenizer_longer_than_student_embeddings(capsys, tmp_path, write_config) -> None:

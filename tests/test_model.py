@@ -19,11 +19,11 @@ def _batch(vocab: int = 48) -> dict[str, torch.Tensor]:
 
 def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
     model = DistillationModel(tiny_gpt2(seed=1), tiny_gpt2(seed=2, n_layer=2))
-    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert not any(p.requires_grad for p in model.teachers.parameters())
     assert all(p.requires_grad for p in model.model.parameters())
     model.train()
-    assert model.model.training and not model.teacher.training
-    assert not any(m.training for m in model.teacher.modules())
+    assert model.model.training and not model.teachers.training
+    assert not any(m.training for m in model.teachers.modules())
     outputs = model(_batch())
     assert outputs['logits'].requires_grad and not outputs['teacher_logits'].requires_grad
 
@@ -36,10 +36,11 @@ def test_state_dict_holds_the_student_only_and_loads_strictly() -> None:
     other.load_state_dict(state, strict=True)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
     # Teacher keys in an old checkpoint are ignored, never loaded over the teacher.
-    before = {k: v.clone() for k, v in other.teacher.state_dict().items()}
-    noisy = dict(state, **{f'teacher.{k}': torch.zeros_like(v) for k, v in before.items()})
+    before = {k: v.clone() for k, v in other.teachers.state_dict().items()}
+    noisy = dict(state, **{f'teachers.{k}': torch.zeros_like(v) for k, v in before.items()},
+                 **{f'teacher.{k[2:]}': torch.zeros_like(v) for k, v in before.items()})  # one teacher, up to 0.1
     other.load_state_dict(noisy, strict=True)
-    assert all(torch.equal(other.teacher.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(other.teachers.state_dict()[k], v) for k, v in before.items())
     # A missing student key is still an error under strict loading.
     state.pop(next(iter(state)))
     with pytest.raises(RuntimeError, match='missing keys'):
@@ -53,8 +54,9 @@ def test_padded_vocabularies_are_cut_to_the_tokenizer(tmp_path, tiny_assets) -> 
     model = DistillationModel(student, teacher, tokenizer, alpha=0.5, temperature=2.0)
     batch = _batch(vocab=n)
     outputs = model(batch)
-    assert outputs['teacher_logits'].shape[-1] == n + 64
-    want = distillation_loss(outputs['logits'], outputs['teacher_logits'][..., :n], batch['labels'], alpha=0.5,
+    assert outputs['teacher_logits'].shape[-1] == n and outputs['logits'].shape[-1] == n
+    teacher_logits = teacher(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits
+    want = distillation_loss(outputs['logits'], teacher_logits[..., :n], batch['labels'], alpha=0.5,
                              temperature=2.0)['total']
     got = model.loss(outputs, batch)['total']
     assert outputs['teacher_logits'] is None  # released once the loss has its gradient
@@ -111,11 +113,12 @@ def test_eval_metrics_match_the_loss_terms() -> None:
 
 def test_fsdp_policies_wrap_blocks_and_never_checkpoint_the_teacher() -> None:
     model = DistillationModel(tiny_gpt2(seed=1), tiny_gpt2(seed=2, n_layer=2))
-    block = model.teacher.transformer.h[0]
-    assert model.model.fsdp_wrap_fn(model.model.transformer.h[0]) and model.teacher.fsdp_wrap_fn(block)
+    block = model.teachers[0].transformer.h[0]
+    assert model.model.fsdp_wrap_fn(model.model.transformer.h[0]) and model.teachers.fsdp_wrap_fn(block)
+    assert model.teachers.fsdp_wrap_fn(model.teachers[0]) and not model.teachers.fsdp_wrap_fn(model.model)
     assert not model.model.fsdp_wrap_fn(model.model.transformer.wte)
     assert model.model.activation_checkpointing_fn(model.model.transformer.h[0])
-    assert not model.teacher.activation_checkpointing_fn(block)
+    assert not model.teachers.activation_checkpointing_fn(block)
 
 
 def test_chunked_language_metrics_equal_composers() -> None:

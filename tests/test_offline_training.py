@@ -77,7 +77,7 @@ def offline_config(tmp_path: Path, tiny_assets: Path, topk: Path):
 
 def test_trains_without_the_teacher_and_reports_teacher_metrics(offline_config) -> None:
     trainer = train(load_config(str(offline_config())))
-    assert trainer.state.model.teacher is None and trainer.state.model.precomputed_teacher
+    assert trainer.state.model.teachers is None and trainer.state.model.precomputed_teacher
     metrics = {name: float(m.compute()) for name, m in trainer.state.eval_metrics['eval'].items()}
     assert set(metrics) == {'LanguageCrossEntropy', 'LanguagePerplexity', 'TeacherDivergenceLoss',
                             'TeacherTop1Agreement'}
@@ -125,7 +125,7 @@ def test_the_recipes_teacher_may_be_named_wherever_it_lies(tmp_path: Path, tiny_
     shutil.copytree(tiny_assets / 'teacher', tmp_path / 'moved-teacher')
     config = offline_config(**{'model.teacher.pretrained_model_name_or_path': str(tmp_path / 'moved-teacher')})
     trainer = train(load_config(str(config)))
-    assert trainer.state.model.teacher is None and int(trainer.state.timestamp.batch) == 4
+    assert trainer.state.model.teachers is None and int(trainer.state.timestamp.batch) == 4
     trainer.close()
 
 

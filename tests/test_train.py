@@ -18,9 +18,9 @@ def test_run_keeps_teacher_and_checkpoints_student_only(tmp_path, tiny_assets, w
     model = trainer.state.model
 
     on_disk = load_file(tiny_assets / 'teacher' / 'model.safetensors')
-    teacher_state = model.teacher.state_dict()
+    teacher_state = model.teachers[0].state_dict()
     assert all(torch.equal(teacher_state[k], v) for k, v in on_disk.items())  # bit-identical after training
-    teacher_ids = {id(p) for p in model.teacher.parameters()}
+    teacher_ids = {id(p) for p in model.teachers.parameters()}
     optimizer_params = [p for group in trainer.state.optimizers[0].param_groups for p in group['params']]
     assert optimizer_params and not teacher_ids & {id(p) for p in optimizer_params}
     assert len(optimizer_params) == len(list(model.model.parameters()))

@@ -1,6 +1,6 @@
 """``DistillationModel``: a Composer ``HuggingFaceModel`` whose ``model`` is the student, plus a frozen teacher."""
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from composer.models import HuggingFaceModel
@@ -10,6 +10,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from composer_kd.data.teacher_topk import topk_teacher_from_batch
 from composer_kd.data.tokens import batch_labels
 from composer_kd.losses import TopKTeacher, check_distillation_args, distillation_loss, topk_distillation_loss
+from composer_kd.losses.stats import distillation_stat_sums
+from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.metrics import (
     ChunkedLanguageCrossEntropy,
@@ -21,7 +23,8 @@ from composer_kd.model.vocab import shared_vocab_size
 
 __all__ = ['DistillationModel']
 
-_TEACHER_PREFIX = 'teacher.'
+# 'teacher.': checkpoints of versions that held one teacher under that name.
+_TEACHER_PREFIXES = ('teachers.', 'teacher.')
 
 
 def _language_metrics() -> dict[str, Metric]:
@@ -30,6 +33,9 @@ def _language_metrics() -> dict[str, Metric]:
 
 class DistillationModel(HuggingFaceModel):
     """Trains a student causal LM on ``alpha·CE + (1−alpha)·T²·D(teacher‖student)`` (see ``distillation_loss``).
+
+    The teacher may be an ensemble: a list of models whose tempered distributions are mixed (``ensemble='probs'``)
+    or whose logits are averaged (``'logits'``) with ``teacher_weights`` (see ``ensemble_teacher_logits``).
 
     The teacher is frozen by construction: no gradients, always in eval mode (also after the Trainer calls
     ``train()``), run under ``no_grad`` on every rank for every batch, and left out of ``state_dict()`` so
@@ -43,12 +49,15 @@ class DistillationModel(HuggingFaceModel):
 
     Args:
         student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
-        teacher (PreTrainedModel, optional): the frozen causal LM; ``None`` is plain LM training (needs
-            ``alpha=1``).
+        teacher (PreTrainedModel | Sequence[PreTrainedModel], optional): the frozen causal LM, or several (an
+            ensemble); ``None`` is plain LM training (needs ``alpha=1``).
         tokenizer (PreTrainedTokenizerBase, optional): the tokenizer both models share.
         alpha (float): weight of cross-entropy on the labels. Default: ``0.5``.
         temperature (float): softmax temperature of the divergence. Default: ``1.0``.
         divergence (str): see ``composer_kd.distillation_loss``. Default: ``'forward_kl'``.
+        teacher_weights (Sequence[float], optional): one positive weight per teacher, normalised to sum 1.
+            Default: equal.
+        ensemble (str): ``'probs'`` or ``'logits'``, how several teachers combine. Default: ``'probs'``.
         precomputed_teacher (bool): the teacher comes with the batches (``teacher_topk_ids``,
             ``teacher_topk_logprobs``, ``teacher_rest_logprob``); ``teacher`` must be ``None``. Default: ``False``.
         **divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew divergences).
@@ -60,47 +69,72 @@ class DistillationModel(HuggingFaceModel):
 
     def __init__(self,
                  student: PreTrainedModel,
-                 teacher: Optional[PreTrainedModel] = None,
+                 teacher: PreTrainedModel | Sequence[PreTrainedModel] | None = None,
                  tokenizer: Optional[PreTrainedTokenizerBase] = None,
                  *,
                  alpha: float = 0.5,
                  temperature: float = 1.0,
                  divergence: str = 'forward_kl',
+                 teacher_weights: Optional[Sequence[float]] = None,
+                 ensemble: str = 'probs',
                  precomputed_teacher: bool = False,
                  **divergence_kwargs: float) -> None:
         resolved_kwargs = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
-        if precomputed_teacher and teacher is not None:
+        teachers = [] if teacher is None else [teacher] if isinstance(teacher, torch.nn.Module) else list(teacher)
+        if precomputed_teacher and teachers:
             raise ValueError('precomputed_teacher=True takes the teacher from the batches; pass teacher=None')
-        if teacher is None and not precomputed_teacher and alpha != 1.0:
+        if not teachers and not precomputed_teacher and alpha != 1.0:
             raise ValueError(f'a DistillationModel without a teacher trains on labels alone and needs alpha=1, '
                              f'got alpha={alpha!r}')
-        vocab_size = shared_vocab_size(student, teacher, tokenizer)
+        if not teachers and teacher_weights is not None:
+            raise ValueError('teacher_weights without teachers')
+        vocab_size = shared_vocab_size(student, None, tokenizer)
+        for member in teachers:
+            vocab_size = min(vocab_size, shared_vocab_size(student, member, tokenizer))
         super().__init__(model=student, tokenizer=tokenizer, use_logits=True, shift_labels=True)
         # Composer's names (what LLM Foundry users monitor) on the chunked implementations.
         self.train_metrics = _language_metrics()
         self.val_metrics = _language_metrics()
-        if teacher is not None or precomputed_teacher:
+        if teachers or precomputed_teacher:
             self.val_metrics['TeacherDivergenceLoss'] = TeacherDivergenceLoss(divergence, temperature, resolved_kwargs)
             self.val_metrics['TeacherTop1Agreement'] = TeacherTop1Agreement()
-        self.teacher = teacher
+        # One child for all teachers: Composer makes each direct child its own FSDP root.
+        self.teachers = FrozenTeachers(teachers, teacher_weights, ensemble) if teachers else None
         self.precomputed_teacher = precomputed_teacher
         self.vocab_size = vocab_size
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.divergence = divergence
         self.divergence_kwargs = resolved_kwargs
+        # A dict while ``KDMonitor`` watches the current batch: each microbatch's loss adds its statistics.
+        self.stat_sums: Optional[dict[str, torch.Tensor]] = None
         prepare_for_fsdp(student, frozen=False)
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-            prepare_for_fsdp(teacher, frozen=True)
+        for member in teachers:
+            prepare_for_fsdp(member, frozen=True)
+
+    def set_loss_settings(self, alpha: Optional[float] = None, temperature: Optional[float] = None) -> None:
+        """Changes alpha and/or the temperature of the loss (and of ``TeacherDivergenceLoss``) from the next
+        forward on; ``KDSchedule`` calls it every batch.
+
+        Raises:
+            ValueError: for an invalid value, a teacher-free model given alpha < 1, or a new temperature with a
+                precomputed teacher (its batches carry the rest mass at the run's temperature only).
+        """
+        alpha = self.alpha if alpha is None else float(alpha)
+        temperature = self.temperature if temperature is None else float(temperature)
+        check_distillation_args(alpha, temperature, self.divergence, self.divergence_kwargs)
+        if self.teachers is None and not self.precomputed_teacher and alpha != 1.0:
+            raise ValueError(f'a DistillationModel without a teacher needs alpha=1, got alpha={alpha!r}')
+        if self.precomputed_teacher and temperature != self.temperature:
+            raise ValueError('a precomputed teacher fixes the temperature (its rest mass is recorded at it)')
+        self.alpha, self.temperature = alpha, temperature
+        metric = self.val_metrics.get('TeacherDivergenceLoss')
+        if metric is not None:
+            metric.loss_kwargs['temperature'] = temperature
 
     # -- training ------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> 'DistillationModel':
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+        return super().train(mode)  # FrozenTeachers stays in eval mode
 
     def _cut(self, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Drops logits past the shared vocabulary (padded embedding rows)."""
@@ -119,9 +153,8 @@ class DistillationModel(HuggingFaceModel):
                                  '(teacher_topk_ids, ...): train on a dataset written by precompute-teacher')
         # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
         # Either way the decision is the same on every rank, which FSDP needs.
-        elif self.teacher is not None and (self.alpha < 1.0 or not self.model.training):
-            with torch.no_grad():
-                teacher_logits = self.teacher(**inputs).logits
+        elif self.teachers is not None and (self.alpha < 1.0 or not self.model.training):
+            teacher_logits = self.teachers(inputs, self.vocab_size, self.temperature)
         return {'logits': student_logits, 'teacher_logits': teacher_logits, 'teacher_topk': teacher_topk}
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -139,9 +172,22 @@ class DistillationModel(HuggingFaceModel):
         else:
             losses = distillation_loss(self._cut(outputs['logits']), self._cut(outputs['teacher_logits']),
                                        batch_labels(batch), **settings)
+        if self.stat_sums is not None and self.model.training:
+            self._add_stats(outputs, batch, topk, losses)
         outputs['teacher_logits'] = None
         # Composer backpropagates 'total' and logs every key as loss/train/<key>.
         return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
+
+    def _add_stats(self, outputs: Mapping[str, Any], batch: Mapping[str, Any], topk: Optional[TopKTeacher],
+                   losses: Mapping[str, torch.Tensor]) -> None:
+        teacher = topk if topk is not None else self._cut(outputs.get('teacher_logits'))
+        sums = distillation_stat_sums(self._cut(outputs['logits']), teacher, batch_labels(batch))
+        sums['ce'] = losses['ce'].detach().double() * sums['tokens']
+        if teacher is not None:
+            sums['kd'] = losses['kd'].detach().double() * sums['tokens']
+        assert self.stat_sums is not None
+        for name, value in sums.items():
+            self.stat_sums[name] = self.stat_sums[name] + value if name in self.stat_sums else value
 
     # -- metrics -------------------------------------------------------------------------------------------
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> Any:
@@ -164,15 +210,15 @@ class DistillationModel(HuggingFaceModel):
     # -- checkpoints: the student only ---------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in state if k.startswith(prefix + _TEACHER_PREFIX)]:
+        for key in [k for k in state if k.startswith(tuple(prefix + p for p in _TEACHER_PREFIXES))]:
             del state[key]
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         # Keep torch's signature: torch.distributed.checkpoint calls it with keywords (FSDP2 autoresume).
-        student_state = {k: v for k, v in state_dict.items() if not k.startswith(_TEACHER_PREFIX)}
+        student_state = {k: v for k, v in state_dict.items() if not k.startswith(_TEACHER_PREFIXES)}
         result = super().load_state_dict(student_state, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not k.startswith(_TEACHER_PREFIX)]
+        missing = [k for k in result.missing_keys if not k.startswith(_TEACHER_PREFIXES)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f'Error(s) in loading state_dict for {type(self).__name__}: '
                                f'missing keys {missing}, unexpected keys {result.unexpected_keys}')

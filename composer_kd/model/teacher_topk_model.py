@@ -16,6 +16,7 @@ from composer.models import ComposerModel
 from transformers import PreTrainedModel
 
 from composer_kd.losses.chunked import default_chunk_elements
+from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 
 __all__ = ['TeacherTopKModel', 'topk_logprobs']
@@ -67,32 +68,30 @@ class TeacherTopKModel(ComposerModel):
     """``forward(batch)`` → ``{'ids', 'logprobs', 'rest'}`` of the teacher at every position of the batch.
 
     The teacher is frozen (no gradients, eval mode) and prepared for FSDP like ``DistillationModel``'s, so the
-    same ``fsdp_config`` shards it.
+    same ``fsdp_config`` shards it. An ensemble (``FrozenTeachers`` of several models) is reduced to one set of
+    logits at temperature 1 first (``ensemble_teacher_logits``), and its top-k is stored.
 
     Args:
-        teacher (PreTrainedModel): the causal LM.
+        teacher (PreTrainedModel | FrozenTeachers): the causal LM, or an ensemble.
         vocab_size (int): the shared vocabulary, ``len(tokenizer)``; logits past it are cut.
         k (int): top entries kept.
         temperatures (Sequence[float]): temperatures whose rest mass is recorded.
     """
 
-    def __init__(self, teacher: PreTrainedModel, vocab_size: int, k: int, temperatures: Sequence[float]) -> None:
+    def __init__(self, teacher: PreTrainedModel | FrozenTeachers, vocab_size: int, k: int,
+                 temperatures: Sequence[float]) -> None:
         super().__init__()
-        teacher.requires_grad_(False)
-        teacher.eval()
-        prepare_for_fsdp(teacher, frozen=True)
-        self.teacher = teacher
+        teachers = teacher if isinstance(teacher, FrozenTeachers) else FrozenTeachers([teacher])
+        for member in teachers:
+            prepare_for_fsdp(member, frozen=True)
+        self.teachers = teachers
         self.vocab_size, self.k, self.temperatures = vocab_size, k, tuple(temperatures)
-
-    def train(self, mode: bool = True) -> 'TeacherTopKModel':
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            logits = self.teacher(input_ids=batch['input_ids'], attention_mask=batch.get('attention_mask'),
-                                  use_cache=False).logits
+            inputs = {'input_ids': batch['input_ids'], 'attention_mask': batch.get('attention_mask'),
+                      'use_cache': False}
+            logits = self.teachers(inputs, self.vocab_size, 1.0)
             B, T, rows = logits.shape
             ids, values, rest = topk_logprobs(logits.reshape(B * T, rows), self.k, self.temperatures, self.vocab_size)
         return {'ids': ids.view(B, T, -1), 'logprobs': values.view(B, T, -1), 'rest': rest.view(B, T, -1)}

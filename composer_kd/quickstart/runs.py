@@ -84,13 +84,15 @@ def step_costs_run(out: Path, max_seq_len: int, vocab_size: int, model: tuple[in
     Every contender is built from ``student.yaml`` as its stage builds it (same data, batch and model), minus
     eval, checkpoints and loggers; the precompute contender runs the teacher over batches of the same size.
     """
-    base = [*_overrides(out, max_seq_len, 10**6, vocab_size, model, 10**6, seed), 'eval_loader=null',
-            'variables.save_folder=null', 'loggers=null', 'progress_bar=false']
+    base = [*_overrides(out, max_seq_len, 10**6, vocab_size, model, 10**6, seed), 'variables.save_folder=null',
+            'loggers=null', 'progress_bar=false']
+    no_eval = 'eval_loader=null'  # last: overrides apply in order
     recipe = str(RECIPES / 'student.yaml')
+    labels_only = ('model.teacher=null', 'variables.alpha=1.0')
     trainers = {
-        'labels_only': build_trainer(load_config(recipe, [*base, 'model.teacher=null', 'variables.alpha=1.0'])),
-        'online': build_trainer(load_config(recipe, [*base, *distillation])),
-        'offline': build_trainer(load_config(recipe, [*base, *distillation, *offline_overrides(out)])),
+        'labels_only': build_trainer(load_config(recipe, [*base, *labels_only, no_eval])),
+        'online': build_trainer(load_config(recipe, [*base, *distillation, no_eval])),
+        'offline': build_trainer(load_config(recipe, [*base, *distillation, *offline_overrides(out), no_eval])),
     }
     steps = {name: training_step(trainer) for name, trainer in trainers.items()}
     teacher = AutoModelForCausalLM.from_pretrained(out / 'teacher' / 'model')

@@ -63,12 +63,13 @@ def save_gpt2(out_dir: str, vocab_size: int, n_layer: int, n_embd: int, n_head: 
     return model
 
 
-_PARTS = ('tokenizer/tokenizer.json', 'teacher/config.json', 'student/config.json', 'data/train/index.json',
-          'data/val/index.json')
+_PARTS = ('tokenizer/tokenizer.json', 'teacher/config.json', 'teacher_b/config.json', 'student/config.json',
+          'data/train/index.json', 'data/val/index.json')
 
 
 def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) -> str:
-    """Writes ``tokenizer/``, ``teacher/``, ``student/`` and ``data/{train,val}`` under ``out``.
+    """Writes ``tokenizer/``, ``teacher/``, ``teacher_b/`` (a second teacher, for ensembles), ``student/`` and
+    ``data/{train,val}`` under ``out``.
 
     A complete ``out`` is kept as it is (so the command can be rerun); an incomplete one is refused unless
     ``overwrite``. The teacher's embeddings are padded to a multiple of 64 rows, like real checkpoints, so the
@@ -85,6 +86,7 @@ def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) 
         tokenizer = train_bpe_tokenizer(files, vocab_size=1024, out_dir=os.path.join(staging, 'tokenizer'))
         vocab = len(tokenizer)
         save_gpt2(os.path.join(staging, 'teacher'), -(-vocab // 64) * 64, 2, 64, 4, max_seq_len, seed=1)
+        save_gpt2(os.path.join(staging, 'teacher_b'), vocab, 1, 48, 4, max_seq_len, seed=3)
         save_gpt2(os.path.join(staging, 'student'), vocab, 1, 32, 2, max_seq_len, seed=2)
         prepare_data(files, os.path.join(staging, 'tokenizer'), os.path.join(staging, 'data'), max_seq_len,
                      val_fraction=0.1)

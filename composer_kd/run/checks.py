@@ -7,12 +7,12 @@ from typing import Any, Mapping
 from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
-from composer_kd.losses import check_distillation_args
+from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_ensemble_weights
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
 __all__ = [
-    'BatchSizes', 'check_fsdp', 'check_precision', 'check_run_config', 'run_precision', 'eval_metric_names',
-    'METRIC_DIRECTIONS'
+    'BatchSizes', 'check_ensemble', 'check_fsdp', 'check_precision', 'check_run_config', 'has_teacher', 'run_precision',
+    'eval_metric_names', 'METRIC_DIRECTIONS'
 ]
 
 # The better direction of each metric the model reports. Composer's EarlyStopper guesses from the name and gets
@@ -30,10 +30,33 @@ _FSDP_KEYS = frozenset(f.name for f in fields(FSDPConfig) if not f.name.startswi
 BatchSizes = tuple[int, int | str, int]  # device train batch, device microbatch (int or 'auto'), device eval batch
 
 
+def has_teacher(model: Mapping[str, Any]) -> bool:
+    """Whether a ``model:`` section distils from a teacher: a model, an ensemble or precomputed data."""
+    return model.get('teacher') is not None or model.get('teachers') is not None
+
+
+def check_ensemble(model: Mapping[str, Any]) -> list[float]:
+    """The normalised weights of ``model.teachers`` (``[1.0]`` for one ``model.teacher``); refuses a bad weight
+    or ``model.distillation.ensemble`` value."""
+    mode = (model.get('distillation') or {}).get('ensemble', 'probs')
+    if mode not in ENSEMBLE_MODES:
+        raise ConfigError(f'model.distillation.ensemble={mode!r}: use one of {list(ENSEMBLE_MODES)}')
+    teachers = model.get('teachers')
+    if teachers is None:
+        return [1.0]
+    for i, entry in enumerate(teachers):
+        try:
+            check_ensemble_weights([entry.get('weight', 1.0)], 1)
+        except ValueError:
+            weight = entry.get('weight')
+            raise ConfigError(f'model.teachers.{i}.weight must be a positive number, got {weight!r}') from None
+    return check_ensemble_weights([entry.get('weight', 1.0) for entry in teachers], len(teachers))
+
+
 def eval_metric_names(cfg: Mapping[str, Any]) -> list[str]:
     """Names of the eval metrics a ``DistillationModel`` built from ``cfg['model']`` reports."""
     names = list(_TRAIN_METRICS)
-    if cfg['model'].get('teacher') is not None:
+    if has_teacher(cfg['model']):
         names += ['TeacherDivergenceLoss', 'TeacherTop1Agreement']
     return names
 
@@ -83,6 +106,8 @@ def _check_callbacks(cfg: Mapping[str, Any]) -> None:
     for name, kwargs in (cfg.get('callbacks') or {}).items():
         kwargs = kwargs or {}
         check_kwargs('callbacks', CALLBACKS, name, kwargs)
+        if name in ('kd_monitor', 'kd_schedule'):
+            _check_kd_callback(cfg, name, kwargs)
         if name not in ('early_stopper', 'threshold_stopper'):
             continue
         label = kwargs.get('dataloader_label', 'eval')
@@ -94,6 +119,21 @@ def _check_callbacks(cfg: Mapping[str, Any]) -> None:
         if kwargs.get('monitor') not in names:
             raise ConfigError(f'callbacks.{name}.monitor={kwargs.get("monitor")!r} is not a metric of this run; '
                               f'choose one of {names}')
+
+
+def _check_kd_callback(cfg: Mapping[str, Any], name: str, kwargs: Mapping[str, Any]) -> None:
+    """Builds the (cheap) callback to check its values; a schedule must fit the model it drives."""
+    try:
+        CALLBACKS[name](**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f'callbacks.{name}.{e}'.splitlines()[0]) from e
+    if name != 'kd_schedule':
+        return
+    if kwargs.get('alpha') is not None and not has_teacher(cfg['model']):
+        raise ConfigError('callbacks.kd_schedule.alpha: there is no teacher, so alpha stays 1')
+    if kwargs.get('temperature') is not None and (cfg['model'].get('teacher') or {}).get('precomputed'):
+        raise ConfigError('callbacks.kd_schedule.temperature: a precomputed teacher fixes the temperature (its rest '
+                          'mass is recorded at model.distillation.temperature only)')
 
 
 def run_precision(cfg: Mapping[str, Any], gpu: bool) -> str:
@@ -130,13 +170,15 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     check_fsdp(cfg, world_size, gpu, fsdp_version)
 
     distillation = dict(cfg['model'].get('distillation') or {})
-    alpha = distillation.pop('alpha', 1.0 if cfg['model'].get('teacher') is None else 0.5)
+    distillation.pop('ensemble', None)
+    check_ensemble(cfg['model'])
+    alpha = distillation.pop('alpha', 0.5 if has_teacher(cfg['model']) else 1.0)
     try:
         check_distillation_args(alpha, distillation.pop('temperature', 1.0),
                                 distillation.pop('divergence', 'forward_kl'), distillation)
     except ValueError as e:
         raise ConfigError(f'model.distillation.{e}') from e
-    if cfg['model'].get('teacher') is None and alpha != 1.0:
+    if not has_teacher(cfg['model']) and alpha != 1.0:
         raise ConfigError(f'model.distillation.alpha is {alpha!r} but there is no model.teacher; training without a '
                           'teacher needs alpha: 1')
 

@@ -16,8 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_kd.errors import ConfigError
 
 __all__ = [
-    'load_config', 'load_precompute_config', 'read_yaml', 'validate_config', 'validate_precompute_config',
-    'TOP_LEVEL_KEYS', 'REQUIRED_KEYS'
+    'load_config', 'load_precompute_config', 'read_yaml', 'teacher_entries', 'validate_config',
+    'validate_precompute_config', 'TOP_LEVEL_KEYS', 'REQUIRED_KEYS'
 ]
 
 REQUIRED_KEYS = ('model', 'tokenizer', 'train_loader', 'optimizer', 'max_duration', 'global_train_batch_size')
@@ -38,10 +38,11 @@ HF_MODEL_KEYS = frozenset({
 })
 
 _SECTIONS: dict[str, frozenset[str]] = {
-    'model': frozenset({'student', 'teacher', 'distillation'}),
+    'model': frozenset({'student', 'teacher', 'teachers', 'distillation'}),
     'model.student': HF_MODEL_KEYS,
     'model.teacher': HF_MODEL_KEYS | {'precomputed'},
-    'model.distillation': frozenset({'alpha', 'temperature', 'divergence', 'beta', 'lam'}),
+    'model.teachers.N': HF_MODEL_KEYS | {'weight'},
+    'model.distillation': frozenset({'alpha', 'temperature', 'divergence', 'beta', 'lam', 'ensemble'}),
     'tokenizer': frozenset({'name', 'kwargs'}),
     'train_loader': frozenset({
         'name', 'dataset', 'drop_last', 'num_workers', 'pin_memory', 'prefetch_factor', 'persistent_workers', 'timeout'
@@ -72,8 +73,10 @@ PRECOMPUTE_TOP_LEVEL_KEYS = frozenset(PRECOMPUTE_REQUIRED_KEYS) | {
     'variables', 'run_name', 'seed', 'precision', 'fsdp_config', 'dist_timeout', 'python_log_level'
 }
 _PRECOMPUTE_SECTIONS: dict[str, frozenset[str]] = {
-    'model': frozenset({'teacher'}),
+    'model': frozenset({'teacher', 'teachers', 'distillation'}),
     'model.teacher': HF_MODEL_KEYS,
+    'model.teachers.N': _SECTIONS['model.teachers.N'],
+    'model.distillation': frozenset({'ensemble'}),
     'tokenizer': _SECTIONS['tokenizer'],
     'precompute': frozenset({
         'dataset', 'out', 'top_k', 'logprobs', 'device_batch_size', 'temperatures', 'samples_per_part', 'progress_bar'
@@ -85,7 +88,6 @@ _PRECOMPUTE_SECTIONS: dict[str, frozenset[str]] = {
     'precompute.out': frozenset({'local', 'remote', 'compression'}),
 }
 _PRECOMPUTE_REQUIRED_IN: dict[str, tuple[str, ...]] = {
-    'model': ('teacher',),
     'tokenizer': ('name',),
     'precompute': ('dataset', 'out', 'top_k'),
     'precompute.dataset': ('max_seq_len',),
@@ -125,7 +127,9 @@ def read_yaml(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[st
         for item in overrides:
             if '=' not in item:
                 raise ConfigError(f'override {item!r} must look like key=value (e.g. optimizer.lr=1e-4)')
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            # One at a time through update, not one merge: a merge cannot reach into lists (model.teachers.1.weight).
+            key = item.split('=', 1)[0]
+            OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), force_add=True)
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f'{path}: {str(e).splitlines()[0]}') from e
@@ -174,11 +178,45 @@ def _check_precomputed_teacher(teacher: Mapping[str, Any]) -> None:
                           f'{teacher["precomputed"]!r}')
 
 
+def teacher_entries(model: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(key, section)`` of each teacher model a ``model:`` section names — ``model.teacher`` or
+    ``model.teachers.0``, ``model.teachers.1``, …; none for no teacher or a precomputed one."""
+    if model.get('teachers') is not None:
+        return [(f'model.teachers.{i}', entry) for i, entry in enumerate(model['teachers'])]
+    teacher = model.get('teacher')
+    if teacher is None or teacher.get('precomputed'):
+        return []
+    return [('model.teacher', teacher)]
+
+
+def _check_teachers(model: Mapping[str, Any], sections: Mapping[str, frozenset[str]], required: bool) -> None:
+    """``model.teacher`` (one) or ``model.teachers`` (a non-empty list of model sections), not both."""
+    if model.get('teacher') is not None and model.get('teachers') is not None:
+        raise ConfigError('model: give model.teacher (one teacher) or model.teachers (an ensemble), not both')
+    if required and model.get('teacher') is None and model.get('teachers') is None:
+        raise ConfigError('missing required key model.teacher (or model.teachers for an ensemble)')
+    teachers = model.get('teachers')
+    if teachers is None:
+        return
+    if not isinstance(teachers, list) or not teachers:
+        raise ConfigError(f'model.teachers must be a non-empty list of teacher models, got {teachers!r}')
+    for i, entry in enumerate(teachers):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f'model.teachers.{i} must be a mapping (pretrained_model_name_or_path, weight, ...), '
+                              f'got {entry!r}')
+        unknown = sorted(set(entry) - sections['model.teachers.N'])
+        if unknown:
+            raise ConfigError(f'unknown key model.teachers.{i}.{unknown[0]}; allowed: '
+                              f'{sorted(sections["model.teachers.N"])}')
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Checks the structure of a resolved run config: every key known, every required key present.
 
     Values are checked where the objects are built (``composer_kd.train``), each error naming its key.
     """
+    if 'rounds' in cfg:
+        raise ConfigError('rounds: this is a multi-round config; run it with `composer-kd rounds`')
     _check_top_level(cfg, TOP_LEVEL_KEYS, REQUIRED_KEYS)
     for section in ('model', 'tokenizer', 'train_loader', 'eval_loader', 'optimizer', 'scheduler'):
         if cfg.get(section) is not None:
@@ -187,6 +225,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         value = cfg['model'].get(section.split('.')[1])
         if value is not None:
             _check_section(section, value)
+    _check_teachers(cfg['model'], _SECTIONS, required=False)
     if cfg['model'].get('teacher') is not None:
         _check_precomputed_teacher(cfg['model']['teacher'])
     for loader in ('train_loader', 'eval_loader'):
@@ -203,7 +242,10 @@ def validate_precompute_config(cfg: Mapping[str, Any]) -> None:
     _check_top_level(cfg, PRECOMPUTE_TOP_LEVEL_KEYS, PRECOMPUTE_REQUIRED_KEYS)
     for section in ('model', 'tokenizer', 'precompute'):
         _check_section(section, cfg[section], _PRECOMPUTE_SECTIONS, _PRECOMPUTE_REQUIRED_IN)
-    _check_section('model.teacher', cfg['model']['teacher'], _PRECOMPUTE_SECTIONS, _PRECOMPUTE_REQUIRED_IN)
+    _check_teachers(cfg['model'], _PRECOMPUTE_SECTIONS, required=True)
+    for section in ('teacher', 'distillation'):
+        if cfg['model'].get(section) is not None:
+            _check_section(f'model.{section}', cfg['model'][section], _PRECOMPUTE_SECTIONS, _PRECOMPUTE_REQUIRED_IN)
     for section in ('dataset', 'out'):
         _check_section(f'precompute.{section}', cfg['precompute'][section], _PRECOMPUTE_SECTIONS,
                        _PRECOMPUTE_REQUIRED_IN)

@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
+from composer_kd.run.checks import check_ensemble, has_teacher
+from composer_kd.run.config import teacher_entries
 
 __all__ = [
     'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer',
@@ -104,19 +106,20 @@ def check_model_tokenizer(key: str, cfg: Mapping[str, Any], tokenizer: PreTraine
 
 
 def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> DistillationModel:
-    """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher, loss settings); a
-    precomputed teacher (``teacher: {precomputed: true}``) loads no teacher model."""
+    """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher or ``teachers`` ensemble,
+    loss settings); a precomputed teacher (``teacher: {precomputed: true}``) loads no teacher model."""
     distillation = dict(cfg.get('distillation') or {})
     precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
-    if cfg.get('teacher') is None:
+    if not has_teacher(cfg):
         distillation.setdefault('alpha', 1.0)
-    for key in ('student', 'teacher'):  # cheap, so before the models load
-        check_model_tokenizer(f'model.{key}', cfg.get(key) or {}, tokenizer)
+    weights = check_ensemble(cfg)
+    teachers = teacher_entries(cfg)
+    for key, section in [('model.student', cfg['student']), *teachers]:  # cheap, so before the models load
+        check_model_tokenizer(key, section, tokenizer)
     student = build_causal_lm('model.student', cfg['student'])
-    teacher = None
-    if cfg.get('teacher') is not None and not precomputed:
-        teacher = build_causal_lm('model.teacher', cfg['teacher'])
+    models = [build_causal_lm(key, section) for key, section in teachers]
     try:
-        return DistillationModel(student, teacher, tokenizer, precomputed_teacher=precomputed, **distillation)
+        return DistillationModel(student, models or None, tokenizer, teacher_weights=weights if models else None,
+                                 precomputed_teacher=precomputed, **distillation)
     except ValueError as e:
         raise ConfigError(f'model: {e}') from e

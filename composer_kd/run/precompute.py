@@ -50,9 +50,12 @@ from composer_kd.data.topk_parts import (
     write_part,
 )
 from composer_kd.errors import ConfigError
+from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.model.vocab import embedding_rows
 from composer_kd.run import precompute_record as record
+from composer_kd.run.checks import check_ensemble
+from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
 from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
 
@@ -144,7 +147,9 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     settings = check_precompute_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
     check_precompute_paths(settings)
-    check_model_source('model.teacher', cfg['model']['teacher'])
+    teachers = teacher_entries(cfg['model'])
+    for key, section in teachers:
+        check_model_source(key, section)
     dist.initialize_dist(get_device('gpu' if gpu else 'cpu'), timeout=float(cfg.get('dist_timeout', 600)))
     rank = dist.get_global_rank()
     reproducibility.seed_all(cfg.get('seed', 17))
@@ -153,7 +158,8 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     vocab = len(tokenizer)
     if settings.top_k > vocab:
         raise ConfigError(f'precompute.top_k={settings.top_k} is more than the {vocab} tokens of the vocabulary')
-    check_model_tokenizer('model.teacher', cfg['model']['teacher'], tokenizer)
+    for key, section in teachers:
+        check_model_tokenizer(key, section, tokenizer)
     try:
         source = TokenDataset(max_seq_len=settings.max_seq_len, shuffle=False, batch_size=settings.device_batch_size,
                               **settings.dataset)
@@ -180,10 +186,13 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         write_json(os.path.join(settings.split_dir, PLAN_FILE), plan)
     dist.barrier()
 
-    teacher = build_causal_lm('model.teacher', cfg['model']['teacher'])
-    if embedding_rows(teacher) < vocab:
-        raise ConfigError(f'model.teacher: it has {embedding_rows(teacher)} output logits but the tokenizer has '
-                          f'{vocab} tokens')
+    models = [build_causal_lm(key, section) for key, section in teachers]
+    for (key, _), model in zip(teachers, models):
+        if embedding_rows(model) < vocab:
+            raise ConfigError(f'{key}: it has {embedding_rows(model)} output logits but the tokenizer has {vocab} '
+                              'tokens')
+    ensemble = FrozenTeachers(models, check_ensemble(cfg['model']) if len(models) > 1 else None,
+                              (cfg['model'].get('distillation') or {}).get('ensemble', 'probs'))
     num_parts = math.ceil(total / settings.samples_per_part)
     kept = complete_parts(settings.split_dir)
     remaining = [p for p in range(num_parts) if p not in kept]
@@ -194,7 +203,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fsdp = cfg.get('fsdp_config')
     with warnings.catch_warnings():  # 'No optimizer was specified': there is nothing to optimize here
         warnings.simplefilter('ignore', UserWarning)
-        trainer = Trainer(model=TeacherTopKModel(teacher, vocab, settings.top_k, settings.temperatures),
+        trainer = Trainer(model=TeacherTopKModel(ensemble, vocab, settings.top_k, settings.temperatures),
                           device='gpu' if gpu else 'cpu',
                           precision=settings.precision,
                           parallelism_config={'fsdp': dict(fsdp)} if fsdp is not None and world_size > 1 else None,
@@ -230,7 +239,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
             for p in parts:
                 upload_part(settings.split_dir, settings.remote_split, p)
         totals = merge_parts(settings.split_dir, settings.remote_split, parts)
-        metadata = record.metadata(plan, settings, teacher, columns, totals, num_parts)
+        metadata = record.metadata(plan, settings, models, columns, totals, num_parts)
         publish_metadata(settings.split_dir, settings.remote_split, metadata)
         summary = record.summary(metadata)
         wall = time.perf_counter() - start_time

@@ -1,9 +1,11 @@
 """What a ``precompute-teacher`` run records about itself: the plan a rerun must match, and the metadata of a
 finished split (``teacher_topk.json``)."""
 
+import hashlib
 import importlib.metadata
+import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from composer_kd.data.teacher_topk import (
     FORMAT_NAME,
@@ -15,6 +17,8 @@ from composer_kd.data.teacher_topk import (
 from composer_kd.data.topk_parts import PLAN_FILE, read_json
 from composer_kd.errors import ConfigError
 from composer_kd.model.vocab import embedding_rows
+from composer_kd.run.checks import check_ensemble
+from composer_kd.run.config import teacher_entries
 from composer_kd.run.precompute_settings import PrecomputeSettings
 
 __all__ = ['check_plan', 'metadata', 'plan', 'summary']
@@ -33,13 +37,12 @@ TEMPERATURE_SEMANTICS = (
 
 def plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, samples: int) -> dict[str, Any]:
     """What the output depends on; a rerun must find the same plan to continue an earlier run's parts."""
-    teacher = dict(cfg['model']['teacher'])
+    teachers = [_absolute(section) for _, section in teacher_entries(cfg['model'])]
     local = settings.dataset.get('local')
-    source = teacher.get('pretrained_model_name_or_path')
-    if source is not None and os.path.isdir(os.path.expanduser(source)):
-        teacher['pretrained_model_name_or_path'] = os.path.abspath(os.path.expanduser(source))
+    ensemble = {'teachers': teachers, 'weights': check_ensemble(cfg['model']),
+                'ensemble': (cfg['model'].get('distillation') or {}).get('ensemble', 'probs')}
     return {
-        'teacher': teacher,
+        **({'teacher': teachers[0]} if len(teachers) == 1 else ensemble),
         'tokenizer': {'name': str(cfg['tokenizer']['name']), 'size': len(tokenizer),
                       'fingerprint': tokenizer_fingerprint(tokenizer)},
         'source': {'local': os.path.abspath(local) if local else None, 'remote': settings.dataset.get('remote'),
@@ -48,6 +51,34 @@ def plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, s
         'temperatures': list(settings.temperatures), 'samples_per_part': settings.samples_per_part,
         'compression': settings.compression, 'precision': settings.precision,
     }
+
+
+def _absolute(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A teacher section with a local folder made absolute (the plan must not depend on the working directory)."""
+    section = dict(section)
+    source = section.get('pretrained_model_name_or_path')
+    if source is not None and os.path.isdir(os.path.expanduser(source)):
+        section['pretrained_model_name_or_path'] = os.path.abspath(os.path.expanduser(source))
+    return section
+
+
+def _teacher_record(plan: Mapping[str, Any], models: Sequence[Any]) -> dict[str, Any]:
+    """The metadata's ``teacher``: source and weight fingerprint of the model, or for an ensemble the members,
+    their weights and the mode, with a fingerprint of them all (None unless every member has one)."""
+    sections = [plan['teacher']] if 'teacher' in plan else plan['teachers']
+    members = [{'source': str(section.get('pretrained_model_name_or_path') or 'config'),
+                'fingerprint': teacher_fingerprint(section.get('pretrained_model_name_or_path') or ''),
+                'config': section, 'embedding_rows': embedding_rows(model)} for section, model in zip(sections, models)]
+    if 'teacher' in plan:
+        return members[0]
+    parts = [f'{m["source"]} ({w:g})' for m, w in zip(members, plan['weights'])]
+    fingerprints = [m['fingerprint'] for m in members]
+    digest = None
+    if all(fingerprints):
+        identity = json.dumps([fingerprints, plan['weights'], plan['ensemble']])
+        digest = hashlib.sha256(identity.encode()).hexdigest()
+    return {'source': f'ensemble ({plan["ensemble"]}) of {", ".join(parts)}', 'fingerprint': digest,
+            'members': members, 'weights': plan['weights'], 'ensemble': plan['ensemble']}
 
 
 def check_plan(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> Optional[dict[str, Any]]:
@@ -63,16 +94,13 @@ def check_plan(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> Optiona
     return read_metadata(settings.out_local, None, settings.dataset.get('split')) if earlier is not None else None
 
 
-def metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, teacher: Any, columns: Mapping[str, str],
-              totals: Mapping[str, int], num_parts: int) -> dict[str, Any]:
-    """The ``teacher_topk.json`` of a finished split."""
-    teacher_cfg = plan['teacher']
+def metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, models: Sequence[Any],
+             columns: Mapping[str, str], totals: Mapping[str, int], num_parts: int) -> dict[str, Any]:
+    """The ``teacher_topk.json`` of a finished split (``models``: the teacher, or the ensemble's members)."""
     return {
         'format': FORMAT_NAME,
         'version': FORMAT_VERSION,
-        'teacher': {'source': str(teacher_cfg.get('pretrained_model_name_or_path') or 'config'),
-                    'fingerprint': teacher_fingerprint(teacher_cfg.get('pretrained_model_name_or_path') or ''),
-                    'config': teacher_cfg, 'embedding_rows': embedding_rows(teacher)},
+        'teacher': _teacher_record(plan, models),
         'tokenizer': plan['tokenizer'],
         'vocab_size': plan['tokenizer']['size'],
         'top_k': settings.top_k,

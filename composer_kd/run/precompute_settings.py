@@ -8,7 +8,8 @@ from streaming.base.compression import get_compressions
 
 from composer_kd.data.teacher_topk import ENCODINGS
 from composer_kd.errors import ConfigError
-from composer_kd.run.checks import check_fsdp, check_precision
+from composer_kd.run.checks import check_ensemble, check_fsdp, check_precision
+from composer_kd.run.config import teacher_entries
 
 __all__ = ['PrecomputeSettings', 'check_precompute_config', 'check_precompute_paths']
 
@@ -66,10 +67,11 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
     """
     precision = check_precision(cfg, gpu)
     check_fsdp(cfg, world_size, gpu, fsdp_version)
-    teacher = cfg['model']['teacher']
-    if (teacher.get('pretrained_model_name_or_path') is None) == (teacher.get('config') is None):
-        raise ConfigError('model.teacher: give exactly one of pretrained_model_name_or_path (a saved model) or '
-                          'config (a from-scratch model)')
+    for key, teacher in teacher_entries(cfg['model']):
+        if (teacher.get('pretrained_model_name_or_path') is None) == (teacher.get('config') is None):
+            raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or '
+                              'config (a from-scratch model)')
+    check_ensemble(cfg['model'])
     section = cfg['precompute']
     top_k = _positive_int('precompute.top_k', section['top_k'])
     encoding = section.get('logprobs', 'float16')
@@ -104,6 +106,13 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
     if compression is not None and compression not in get_compressions():
         raise ConfigError(f'precompute.out.compression={compression!r}: use null or one of Streaming\'s '
                           f'compressions (e.g. zstd)')
+    temperatures = _temperatures(section.get('temperatures', [1.0]))
+    mode = (cfg['model'].get('distillation') or {}).get('ensemble', 'probs')
+    if cfg['model'].get('teachers') is not None and mode == 'probs' and temperatures != (1.0,):
+        # The stored top-k is of the T = 1 mixture; a mixture of tempered distributions is not its power 1/T.
+        raise ConfigError(f'precompute.temperatures={list(temperatures)}: an ensemble with ensemble: probs is stored '
+                          'at temperature 1 only (its tempered mixture is not derived from it); distil offline at '
+                          'temperature 1, or use ensemble: logits (one set of logits, every temperature exact)')
     return PrecomputeSettings(dataset={k: dataset[k] for k in _DATASET_PASSTHROUGH if dataset.get(k) is not None},
                               max_seq_len=max_seq_len,
                               out_local=os.path.abspath(out['local']),
@@ -112,7 +121,7 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
                               top_k=top_k,
                               encoding=encoding,
                               device_batch_size=batch,
-                              temperatures=_temperatures(section.get('temperatures', [1.0])),
+                              temperatures=temperatures,
                               samples_per_part=per_part,
                               progress_bar=section.get('progress_bar', True),
                               precision=precision)

@@ -14,6 +14,7 @@ from composer_kd.callbacks import ReleaseStreamingMemory
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
+from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
 from composer_kd.run.precomputed_data import (
     check_precomputed_data,
@@ -82,9 +83,9 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
     reproducibility.seed_all(seed)  # the same fresh-model init on every rank
 
-    for key in ('student', 'teacher'):  # missing model folders fail here, before any data or model loads
-        if cfg['model'].get(key) is not None and not (key == 'teacher' and precomputed):
-            check_model_source(f'model.{key}', cfg['model'][key])
+    # Missing model folders fail here, before any data or model loads.
+    for key, section in [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]:
+        check_model_source(key, section)
     tokenizer = build_tokenizer(cfg['tokenizer'])
     for key, meta in (('train_loader.dataset', train_teacher), ('eval_loader.dataset', eval_teacher)):
         if meta is not None:
@@ -143,9 +144,15 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
 
 
 def train(cfg: Mapping[str, Any]) -> Trainer:
-    """Builds the ``Trainer``, evaluates first if ``eval_first``, fits, and returns it."""
+    """Builds the ``Trainer``, evaluates first if ``eval_first``, fits, and returns it. A run that autoresumes
+    at its ``max_duration`` is complete: it is returned as loaded (Composer's ``fit`` would refuse it)."""
     trainer = build_trainer(cfg)
     if cfg.get('eval_first') and trainer.state.timestamp.batch.value == 0:
         trainer.eval()
-    trainer.fit()
+    duration = trainer.state.max_duration
+    if duration is not None and trainer.state.timestamp.get(duration.unit) >= duration:
+        log.warning('%s is complete (resumed at %s of %s): nothing to train', cfg.get('run_name', 'the run'),
+                    trainer.state.timestamp.get(duration.unit), duration)
+    else:
+        trainer.fit()
     return trainer

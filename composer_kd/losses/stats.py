@@ -1,0 +1,73 @@
+"""Token statistics of a distillation batch for monitoring: entropies and top-1 agreement, chunk by chunk.
+
+Shapes: B batch, T sequence length, V vocabulary, K precomputed teacher entries, N scored tokens, C rows of one
+chunk.
+
+Sums over the scored tokens (the positions the loss scores), so microbatches and ranks add up exactly and the
+caller divides by ``tokens`` once.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from composer_kd.losses.arguments import scored_positions
+from composer_kd.losses.chunked import default_chunk_elements
+from composer_kd.losses.topk import TopKTeacher
+
+__all__ = ['STAT_NAMES', 'distillation_stat_sums']
+
+STAT_NAMES = ('student_entropy', 'teacher_entropy', 'top1_agreement')
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    return -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+
+
+@torch.no_grad()
+def distillation_stat_sums(student_logits: torch.Tensor,
+                           teacher: torch.Tensor | TopKTeacher | None,
+                           labels: torch.Tensor,
+                           ignore_index: int = -100,
+                           chunk_elements: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Sums over the N scored tokens of the student's and the teacher's entropy (nats, at temperature 1) and of
+    top-1 agreement (student argmax = teacher argmax), plus ``tokens`` = N.
+
+    Args:
+        student_logits (Tensor): ``(B, T, V)``.
+        teacher (Tensor | TopKTeacher, optional): dense logits ``(B, T, V)``, or a precomputed top-k (its entropy is
+            then that of the K ids plus one bucket for the rest at temperature 1: a lower bound of the full
+            entropy). ``None``: the student's entropy only.
+        labels (Tensor): ``(B, T)``, shifted as in the loss (position t scored against ``labels[:, t+1]``).
+        ignore_index (int): label value that is not scored. Default: ``-100``.
+        chunk_elements (int, optional): rows × V upcast at a time. Default: as the loss.
+
+    Returns:
+        dict[str, Tensor]: float64 scalars ``tokens`` and each of ``STAT_NAMES`` (teacher ones only with a teacher).
+    """
+    mask = scored_positions(labels, ignore_index, True).flatten()
+    vocab = student_logits.shape[-1]
+    rows = student_logits.reshape(-1, vocab)[mask]
+    dense = teacher.reshape(-1, vocab)[mask] if isinstance(teacher, torch.Tensor) else None
+    if isinstance(teacher, TopKTeacher):
+        top_ids, top_logprobs = (t.reshape(-1, t.shape[-1])[mask] for t in teacher[:2])
+    sums = {'tokens': torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
+    for name in STAT_NAMES if teacher is not None else STAT_NAMES[:1]:
+        sums[name] = torch.zeros((), dtype=torch.float64, device=rows.device)
+    chunk = max(1, (chunk_elements or default_chunk_elements(rows.device)) // vocab)
+    for start in range(0, rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        log_q = F.log_softmax(rows[part].float(), dim=-1)
+        sums['student_entropy'] += _entropy(log_q).sum(dtype=torch.float64)
+        if dense is not None:
+            log_p = F.log_softmax(dense[part].float(), dim=-1)
+            sums['teacher_entropy'] += _entropy(log_p).sum(dtype=torch.float64)
+            sums['top1_agreement'] += (log_q.argmax(-1) == log_p.argmax(-1)).sum(dtype=torch.float64)
+        elif teacher is not None:
+            # At temperature 1 the rest bucket is 1 − Σ top-k (the recorded rest is at the loss's temperature).
+            top = top_logprobs[part].double()
+            rest = (1.0 - top.exp().sum(-1)).clamp(min=0.0).log()
+            sums['teacher_entropy'] += _entropy(torch.cat([top, rest[:, None]], dim=-1)).sum()
+            sums['top1_agreement'] += (log_q.argmax(-1) == top_ids[part, 0].long()).sum(dtype=torch.float64)
+    return sums
