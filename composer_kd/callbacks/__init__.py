@@ -1,6 +1,13 @@
-"""Composer callbacks that Composer itself does not ship."""
+"""Composer callbacks (and a CSV logger) that Composer itself does not ship, or ships without what we need."""
 
+from composer_kd.callbacks.csv_logger import CSVLogger as CSVLogger
+from composer_kd.callbacks.early_stopper import StatefulEarlyStopper as StatefulEarlyStopper
+from composer_kd.callbacks.kd_monitor import KDMonitor as KDMonitor
+from composer_kd.callbacks.kd_schedule import KDSchedule as KDSchedule
 from composer_kd.callbacks.release_streaming import ReleaseStreamingMemory as ReleaseStreamingMemory
 from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector as ScheduledGarbageCollector
 
-__all__ = ['ReleaseStreamingMemory', 'ScheduledGarbageCollector']
+__all__ = [
+    'CSVLogger', 'KDMonitor', 'KDSchedule', 'ReleaseStreamingMemory', 'ScheduledGarbageCollector',
+    'StatefulEarlyStopper'
+]

@@ -6,6 +6,10 @@ from typing import Any, Callable, Mapping
 import torch
 from composer import algorithms, callbacks, loggers, optim
 
+from composer_kd.callbacks.csv_logger import CSVLogger
+from composer_kd.callbacks.early_stopper import StatefulEarlyStopper
+from composer_kd.callbacks.kd_monitor import KDMonitor
+from composer_kd.callbacks.kd_schedule import KDSchedule
 from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector
 from composer_kd.errors import ConfigError
 
@@ -32,7 +36,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
 }
 
 CALLBACKS: dict[str, Callable[..., Any]] = {
-    'early_stopper': callbacks.EarlyStopper,
+    'early_stopper': StatefulEarlyStopper,  # Composer's EarlyStopper, its state checkpointed
     'threshold_stopper': callbacks.ThresholdStopper,
     'lr_monitor': callbacks.LRMonitor,
     'speed_monitor': callbacks.SpeedMonitor,
@@ -41,10 +45,13 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     'optimizer_monitor': callbacks.OptimizerMonitor,
     'nan_monitor': callbacks.NaNMonitor,
     'scheduled_gc': ScheduledGarbageCollector,
+    'kd_monitor': KDMonitor,
+    'kd_schedule': KDSchedule,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {
     'file': loggers.FileLogger,
+    'csv': CSVLogger,
     'inmemory': loggers.InMemoryLogger,
     'wandb': loggers.WandBLogger,
     'mlflow': loggers.MLFlowLogger,
