@@ -20,6 +20,11 @@ def _train(args: argparse.Namespace) -> None:
     train(load_config(args.config, args.overrides)).close()
 
 
+def _rounds(args: argparse.Namespace) -> None:
+    from composer_kd.run.rounds import run_rounds
+    run_rounds(args.config, args.overrides)
+
+
 def _precompute_teacher(args: argparse.Namespace) -> None:
     from composer_kd.run.config import load_precompute_config
     from composer_kd.run.precompute import precompute_teacher
@@ -80,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('config', help='YAML run config')
     p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. optimizer.lr=1e-4 max_duration=10ba')
     p.set_defaults(run=_train)
+
+    p = commands.add_parser('rounds', help='multi-round distillation: the config\'s `rounds:` list, each round a train '
+                            'run with its overrides, distilled from the previous round\'s student (many processes: '
+                            '`composer -n N -m composer_kd rounds ...`)')
+    p.add_argument('config', help='YAML run config with a rounds: list')
+    p.add_argument('overrides', nargs='*', help='dot-list overrides for every round, e.g. optimizer.lr=1e-4')
+    p.set_defaults(run=_rounds)
 
     p = commands.add_parser('precompute-teacher', help='run a teacher once over a token MDS split and write its '
                             'top-k log-probs as an MDS dataset that `train` reads with model.teacher: {precomputed: '

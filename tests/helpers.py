@@ -1,5 +1,7 @@
 """Small builders and checks shared by the tests."""
 
+import shutil
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -51,3 +53,25 @@ def assert_gradient_matches_finite_differences(loss: Callable[[torch.Tensor], to
         eps = 1e-6
         numeric = (loss(x + eps * v) - loss(x - eps * v)).item() / (2 * eps)
         assert abs(3.0 * numeric - (leaf.grad * v).sum().item()) <= 1e-6 * abs(3.0 * numeric) + 1e-9
+
+
+# Two short rounds for the tests of `composer-kd rounds`.
+ROUNDS = [['max_duration=4ba'], ['max_duration=4ba', 'model.distillation.alpha=0.2']]
+
+
+def rounds_config(tmp_path: Path, tiny_assets: Path, rounds: list | None = None) -> Path:
+    """``yamls/tiny-cpu-rounds.yaml`` with short rounds, evaluating on the first 8 val samples."""
+    data = tmp_path / 'data'
+    if not data.exists():
+        shutil.copytree(tiny_assets / 'data', data)
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu-rounds.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    cfg.variables.rounds_folder = str(tmp_path / 'rounds')
+    for loader in ('train_loader', 'eval_loader'):
+        cfg[loader].dataset.local = str(data)
+    cfg.update({'eval_interval': '4ba', 'eval_subset_num_batches': 1, 'device_eval_batch_size': 8,
+                'save_interval': '2ba', 'log_to_console': False, 'callbacks': {}})
+    cfg.rounds = ROUNDS if rounds is None else rounds
+    path = tmp_path / 'rounds.yaml'
+    OmegaConf.save(cfg, path)
+    return path

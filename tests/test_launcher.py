@@ -1,8 +1,9 @@
 """The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, an FSDP2 run killed
 after a sharded checkpoint that autoresume continues exactly, ``precompute-teacher`` on 2 processes (and with
-FSDP2) writing the same dataset as on 1, and offline distillation on 2 processes against 1. Slow (about
-3 minutes on 2 cores)."""
+FSDP2) writing the same dataset as on 1, offline distillation on 2 processes against 1, and a sharded teacher
+ensemble against 1 process. Slow (about 4 minutes on 2 cores)."""
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.distributed.checkpoint as dcp
+from helpers import rounds_config
 from omegaconf import OmegaConf
 from streaming import StreamingDataset
 
@@ -83,9 +85,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Path) -> di
     return _launch(tmp, 1, config, 'save_folder=null')
 
 
-def _copy_config(tmp: Path, tiny_assets: Path) -> Path:
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu.yaml')
+def _copy_config(tmp: Path, tiny_assets: Path, recipe: str = 'tiny-cpu.yaml') -> Path:
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / recipe)
     cfg.variables.assets = str(tiny_assets)
     cfg.save_folder = str(tmp / 'runs' / '{run_name}' / 'checkpoints')
     path = tmp / 'config.yaml'
@@ -173,3 +174,32 @@ def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_
     assert len(one) == 12 and one[11] < one[0] - 0.3  # it learns
     _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
     assert len(two) == 12
+
+
+def test_ensemble_recipe_sharded_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
+    """The shipped ensemble recipe: both teachers sharded by FSDP2 across 2 processes (one FSDP root for the
+    ensemble, a unit per teacher and per block) train the student exactly as 1 process does."""
+    config = _copy_config(tmp_path, tiny_assets, 'tiny-cpu-ensemble.yaml')
+    one = _launch(tmp_path, 1, config, 'save_folder=null')
+    two = _launch(tmp_path, 2, config, 'save_folder=null', FSDP[0], fsdp2=True)
+    assert len(one) == 12 and one[11] < one[0] - 0.3  # it learns
+    _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
+    assert len(two) == 12
+
+
+def test_rounds_on_two_processes_match_one(tmp_path: Path, tiny_assets: Path) -> None:
+    """Two rounds under the launcher (DDP): each round's student and the second round's teacher (the first
+    round's student, exported by rank 0 and read by both) give the 1-process run's eval metrics."""
+    records = {}
+    for nproc in (1, 2):
+        config = rounds_config(tmp_path / f'n{nproc}', tiny_assets)
+        # The whole val split: 1 eval batch a rank would be twice the samples on 2 processes.
+        proc = subprocess.run([*_launcher(tmp_path / f'n{nproc}', nproc), 'rounds', str(config),
+                               'eval_subset_num_batches=-1'], capture_output=True, text=True, timeout=600)
+        errors = ''.join(p.read_text()[-3000:] for p in (tmp_path / f'n{nproc}').glob('rank*.err'))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + errors
+        records[nproc] = json.loads((tmp_path / f'n{nproc}' / 'rounds' / 'rounds.json').read_text())
+    for one, two in zip(records[1], records[2]):
+        assert two['steps'] == one['steps'] == 4
+        for name, value in one['eval'].items():
+            assert abs(two['eval'][name] - value) <= ACROSS_LAYOUTS * max(1.0, abs(value)), (one['round'], name)

@@ -9,10 +9,12 @@ from composer_kd.errors import ConfigError
 from composer_kd.run.checks import check_run_config
 from composer_kd.run.config import load_config, load_precompute_config, read_yaml
 from composer_kd.run.precompute_settings import check_precompute_config
+from composer_kd.run.rounds import load_rounds
 
 ALL = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
 PRECOMPUTE = [p for p in ALL if 'precompute' in read_yaml(str(p))]
-RECIPES = [p for p in ALL if p not in PRECOMPUTE]
+ROUNDS = [p for p in ALL if 'rounds' in read_yaml(str(p))]
+RECIPES = [p for p in ALL if p not in PRECOMPUTE and p not in ROUNDS]
 
 
 def test_there_are_cpu_and_gpu_recipes() -> None:
@@ -41,8 +43,14 @@ def test_fsdp_config_typos_are_refused() -> None:
         check_run_config(cfg, world_size=8, gpu=True)
 
 
-def test_there_are_precompute_recipes() -> None:
-    assert PRECOMPUTE and len(PRECOMPUTE) + len(RECIPES) == len(ALL)
+def test_there_are_precompute_and_rounds_recipes() -> None:
+    assert PRECOMPUTE and ROUNDS and len(PRECOMPUTE) + len(ROUNDS) + len(RECIPES) == len(ALL)
+
+
+@pytest.mark.parametrize('recipe', ROUNDS, ids=lambda p: p.name)
+def test_rounds_recipe_is_valid(recipe: Path) -> None:
+    configs, _ = load_rounds(str(recipe))  # every round's config, checked as for one process
+    assert len(configs) >= 2 and all(cfg['autoresume'] for cfg in configs)
 
 
 @pytest.mark.parametrize('recipe', PRECOMPUTE, ids=lambda p: p.name)

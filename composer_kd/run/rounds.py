@@ -1,0 +1,171 @@
+"""``composer-kd rounds CONFIG.yaml``: multi-round distillation, each round a ``train`` run of the same config.
+
+```yaml
+rounds_folder: ./runs/${run_name}-rounds     # optional; round N lives in rounds_folder/round-N
+rounds:                                      # each round: dot-list overrides of the config, applied in order
+  - [max_duration=40ba]
+  - [model.student.config.n_layer=1, model.distillation.alpha=0.3]
+```
+
+Round N+1's teacher is round N's exported student unless its overrides name ``model.teacher`` or
+``model.teachers``. Each round folder holds ``checkpoints/`` (Composer's, autoresumed), ``student/`` (the
+exported student, a ``save_pretrained`` folder) and ``metrics.json`` (written last: its presence marks the round
+complete, and a rerun skips it). Every round's config is built and checked before the first round trains.
+"""
+
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from composer.utils import dist
+
+from composer_kd.errors import ConfigError
+from composer_kd.run.checks import check_run_config
+from composer_kd.run.config import read_yaml, validate_config
+from composer_kd.run.export import export_student
+from composer_kd.run.train import train
+
+__all__ = ['load_rounds', 'run_rounds']
+
+METRICS_FILE = 'metrics.json'
+SUMMARY_FILE = 'rounds.json'
+
+
+def _round_entries(path: str, overrides: Sequence[str]) -> tuple[list[list[str]], str]:
+    """The ``rounds`` list (each a list of ``key=value`` strings) and the rounds folder, from the YAML as written
+    (a round's overrides may use ``${variables.x}``; they resolve in the round's config)."""
+    raw = read_yaml(path, overrides)
+    rounds = raw.get('rounds')
+    if not isinstance(rounds, list) or not rounds:
+        raise ConfigError(f'rounds must be a non-empty list of rounds (each a list of key=value overrides), got '
+                          f'{rounds!r}')
+    entries = []
+    for i, entry in enumerate(rounds):
+        if entry is None:
+            entry = []
+        if not isinstance(entry, list) or not all(isinstance(item, str) and '=' in item for item in entry):
+            raise ConfigError(f'rounds.{i} must be a list of key=value overrides (e.g. [max_duration=40ba]), got '
+                              f'{entry!r}')
+        entries.append(entry)
+    if not raw.get('run_name'):
+        raise ConfigError('rounds need a run_name (each round runs as RUN_NAME-round-N, and autoresumes by it)')
+    folder = raw.get('rounds_folder') or os.path.join('runs', f'{raw["run_name"]}-rounds')
+    if not isinstance(folder, str):
+        raise ConfigError(f'rounds_folder must be a folder, got {folder!r}')
+    return entries, os.path.abspath(folder)
+
+
+def _names_teacher(overrides: Sequence[str]) -> bool:
+    keys = [item.split('=', 1)[0] for item in overrides]
+    return any(k == p or k.startswith(p + '.') for k in keys for p in ('model.teacher', 'model.teachers'))
+
+
+def load_rounds(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str]:
+    """Every round's resolved, validated run config, and the rounds folder.
+
+    Raises:
+        ConfigError: for a bad ``rounds`` entry or a round whose config is invalid (named ``rounds.N: ...``).
+    """
+    entries, folder = _round_entries(path, overrides)
+    configs = []
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    for r, entry in enumerate(entries, start=1):
+        here = os.path.join(folder, f'round-{r}')
+        chain = []
+        if r > 1 and not _names_teacher(entry):
+            previous = os.path.join(folder, f'round-{r - 1}', 'student')
+            chain = ['model.teachers=null', 'model.teacher=null',
+                     f'model.teacher.pretrained_model_name_or_path={previous}']
+        try:
+            cfg = read_yaml(path, [*overrides, *chain, *entry])
+            run_name = f'{cfg["run_name"]}-round-{r}'
+            cfg.pop('rounds', None)
+            cfg.pop('rounds_folder', None)
+            cfg.update({'run_name': run_name, 'save_folder': os.path.join(here, 'checkpoints'), 'autoresume': True})
+            validate_config(cfg)
+            check_run_config(cfg, world_size, _gpu(), os.environ.get('FSDP_VERSION'))
+        except ConfigError as e:
+            raise ConfigError(f'rounds.{r - 1}: {e}') from e
+        configs.append(cfg)
+    return configs, folder
+
+
+def _gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _teacher_of(cfg: Mapping[str, Any]) -> str:
+    model = cfg['model']
+    if model.get('teachers') is not None:
+        sources = (str(t.get('pretrained_model_name_or_path', 'config')) for t in model['teachers'])
+        return 'ensemble of ' + ', '.join(sources)
+    teacher = model.get('teacher')
+    if teacher is None:
+        return 'none (labels only)'
+    return 'precomputed' if teacher.get('precomputed') else str(teacher.get('pretrained_model_name_or_path', 'config'))
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _run_round(cfg: dict[str, Any], here: str, r: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    trainer = train(cfg)
+    steps = int(trainer.state.timestamp.batch)
+    metrics: dict[str, float] = {}
+    if cfg.get('eval_loader') is not None:
+        trainer.eval()  # at the final weights, whatever eval_interval was
+        metrics = {name: float(m.compute()) for name, m in trainer.state.eval_metrics['eval'].items()}
+    trainer.close()
+    if dist.get_global_rank() == 0:
+        export_student(os.path.join(here, 'checkpoints', 'latest-rank0.pt'), os.path.join(here, 'student'),
+                       overwrite=True)
+    record = {'round': r, 'run_name': cfg['run_name'], 'teacher': _teacher_of(cfg), 'steps': steps,
+              'wall_s': time.perf_counter() - start, 'eval': metrics, 'student': os.path.join(here, 'student')}
+    if dist.get_global_rank() == 0:
+        _write_json(os.path.join(here, METRICS_FILE), record)
+    dist.barrier()  # the next round's teacher is this round's student, on every rank
+    return record
+
+
+def run_rounds(path: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Runs (or finishes) every round of ``path``; returns each round's record and writes ``rounds.json``.
+
+    A round with its ``metrics.json`` is skipped; an interrupted one autoresumes from its checkpoints.
+    """
+    configs, folder = load_rounds(path, overrides)
+    records = []
+    for r, cfg in enumerate(configs, start=1):
+        here = os.path.join(folder, f'round-{r}')
+        done = os.path.join(here, METRICS_FILE)
+        if os.path.isfile(done):
+            with open(done) as f:
+                records.append(json.load(f))
+            _print(f'rounds: round {r} is complete ({here}); skipped')
+            continue
+        records.append(_run_round(cfg, here, r))
+    if not dist.is_initialized() or dist.get_global_rank() == 0:
+        _write_json(os.path.join(folder, SUMMARY_FILE), records)
+        _print(summary_table(records))
+    return records
+
+
+def _print(line: str) -> None:
+    if not dist.is_initialized() or dist.get_global_rank() == 0:
+        print(line, flush=True)
+
+
+def summary_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of every round: steps, teacher and eval metrics."""
+    names = sorted({name for record in records for name in record['eval']})
+    lines = ['| round | steps | teacher | ' + ' | '.join(names) + ' |', '|---' * (3 + len(names)) + '|']
+    for record in records:
+        values = ' | '.join(f'{record["eval"][n]:.4f}' if n in record['eval'] else '' for n in names)
+        lines.append(f'| {record["round"]} | {record["steps"]} | {record["teacher"]} | {values} |')
+    return '\n'.join(lines)
