@@ -25,6 +25,11 @@ def _rounds(args: argparse.Namespace) -> None:
     run_rounds(args.config, args.overrides)
 
 
+def _samples(args: argparse.Namespace) -> None:
+    from composer_kd.run.samples_report import format_hardest, hardest_samples
+    print(format_hardest(hardest_samples(args.run_dir, args.hardest)))
+
+
 def _precompute_teacher(args: argparse.Namespace) -> None:
     from composer_kd.run.config import load_precompute_config
     from composer_kd.run.precompute import precompute_teacher
@@ -99,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('config', help='YAML config with model.teacher, tokenizer and precompute')
     p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. precompute.top_k=64')
     p.set_defaults(run=_precompute_teacher)
+
+    p = commands.add_parser('samples', help='the training samples the student finds hardest relative to the teacher '
+                            '(from callbacks.per_sample_log)')
+    p.add_argument('run_dir', help='the per_sample_log folder (or the folder holding samples/)')
+    p.add_argument('--hardest', type=int, default=20, help='how many samples to list (default 20)')
+    p.set_defaults(run=_samples)
 
     p = commands.add_parser('prepare-data', help='tokenize text/.jsonl files into `tokens` MDS shards (train/val)')
     p.add_argument('--input', nargs='+', required=True, help='files or folders (searched recursively)')

@@ -1,8 +1,10 @@
 """The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, an FSDP2 run killed
 after a sharded checkpoint that autoresume continues exactly, ``precompute-teacher`` on 2 processes (and with
 FSDP2) writing the same dataset as on 1, offline distillation on 2 processes against 1, and a sharded teacher
-ensemble against 1 process. Slow (about 4 minutes on 2 cores)."""
+ensemble against 1 process, rounds and per-sample logs on 2 processes against 1. Slow (about 5 minutes on
+2 cores)."""
 
+import csv
 import json
 import os
 import re
@@ -203,3 +205,22 @@ def test_rounds_on_two_processes_match_one(tmp_path: Path, tiny_assets: Path) ->
         assert two['steps'] == one['steps'] == 4
         for name, value in one['eval'].items():
             assert abs(two['eval'][name] - value) <= ACROSS_LAYOUTS * max(1.0, abs(value)), (one['round'], name)
+
+
+def test_per_sample_log_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
+    """An epoch of the val split with per_sample_log (lr 0, so a sample's values do not depend on when it is
+    seen): on 2 processes every sample appears once, on one of the two ranks, with the 1-process values."""
+    values = {}
+    for nproc in (1, 2):
+        folder = tmp_path / f'samples{nproc}'
+        config = _copy_config(tmp_path, tiny_assets)
+        _launch(tmp_path, nproc, config, 'save_folder=null', 'train_loader.dataset.split=val',
+                'global_train_batch_size=10', 'device_train_microbatch_size=5', 'max_duration=1ep', 'optimizer.lr=0',
+                f'callbacks={{per_sample_log: {{folder: {folder}}}}}')
+        rows = list(csv.DictReader((folder / 'samples.csv').open()))
+        assert sorted(int(r['sample_id']) for r in rows) == list(range(390)), nproc
+        assert {r['rank'] for r in rows} == {str(rank) for rank in range(nproc)}
+        values[nproc] = {int(r['sample_id']): (float(r['ce']), float(r['kd']), float(r['top1_agreement']))
+                         for r in rows}
+    for sample_id, want in values[1].items():
+        assert values[2][sample_id] == pytest.approx(want, rel=1e-5, abs=1e-6), sample_id

@@ -21,6 +21,8 @@ from composer_kd.errors import ConfigError
 __all__ = ['prepare_data', 'find_documents', 'split_of']
 
 _BATCH_DOCS = 256
+# Foundry's concat_tokens column, plus the document each sample starts in (per-sample tracking names it).
+COLUMNS = {'tokens': 'ndarray:int32', 'source': 'str'}
 
 
 def split_of(name: str, val_fraction: float) -> str:
@@ -71,22 +73,29 @@ def _texts(name: str, path: str, text_key: str) -> Iterator[tuple[str, str]]:
 
 
 class _Packer:
-    """Concatenates token ids and writes full ``max_seq_len`` samples to an MDS writer."""
+    """Concatenates token ids and writes full ``max_seq_len`` samples to an MDS writer, each with the name of the
+    document its first token comes from (``source``)."""
 
     def __init__(self, writer: MDSWriter, max_seq_len: int) -> None:
         self.writer, self.max_seq_len = writer, max_seq_len
         self.buffer: list[int] = []
+        self.starts: list[tuple[int, str]] = []  # (offset in buffer, document) of each document in the buffer
         self.samples = 0
         self.tokens = 0
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: list[int], source: str) -> None:
+        self.starts.append((len(self.buffer), source))
         self.buffer.extend(ids)
         while len(self.buffer) >= self.max_seq_len:
             self._write(self.buffer[:self.max_seq_len])
             del self.buffer[:self.max_seq_len]
+            shifted = [(offset - self.max_seq_len, name) for offset, name in self.starts]
+            covering = max(i for i, (offset, _) in enumerate(shifted) if offset <= 0)
+            self.starts = shifted[covering:]
 
     def _write(self, ids: list[int]) -> None:
-        self.writer.write({'tokens': np.asarray(ids, dtype=np.int32)})
+        source = max((item for item in self.starts if item[0] <= 0), key=lambda item: item[0])[1]
+        self.writer.write({'tokens': np.asarray(ids, dtype=np.int32), 'source': source})
         self.samples += 1
         self.tokens += len(ids)
 
@@ -134,15 +143,18 @@ def _write_splits(documents: Sequence[tuple[str, str]], tok: PreTrainedTokenizer
     """Tokenizes ``documents`` into ``out/train`` and ``out/val``; returns the per-split counts."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     packers = {
-        split: _Packer(MDSWriter(columns={'tokens': 'ndarray:int32'}, out=os.path.join(out, split), compression='zstd'),
-                       max_seq_len) for split in ('train', 'val')
+        split: _Packer(MDSWriter(columns=COLUMNS, out=os.path.join(out, split), compression='zstd'), max_seq_len)
+        for split in ('train', 'val')
     }
     counts = {'train': 0, 'val': 0}
-    pending: dict[str, list[str]] = {'train': [], 'val': []}
+    pending: dict[str, list[tuple[str, str]]] = {'train': [], 'val': []}  # (document, text)
 
     def flush(split: str) -> None:
-        for ids in tok(pending[split], add_special_tokens=False)['input_ids']:
-            packers[split].add(ids + eos)
+        if not pending[split]:
+            return
+        names, texts = zip(*pending[split])
+        for name, ids in zip(names, tok(list(texts), add_special_tokens=False)['input_ids']):
+            packers[split].add(ids + eos, name)
         pending[split].clear()
 
     for name, path in tqdm(documents, desc='prepare-data', unit='file'):
@@ -150,7 +162,7 @@ def _write_splits(documents: Sequence[tuple[str, str]], tok: PreTrainedTokenizer
             if not text:
                 continue
             split = split_of(doc_name, val_fraction)
-            pending[split].append(text)
+            pending[split].append((doc_name, text))
             counts[split] += 1
             if len(pending[split]) >= _BATCH_DOCS:
                 flush(split)

@@ -57,13 +57,15 @@ class TokenDataset(StreamingDataset):
             raise ValueError(f'MDS samples need a {TOKENS_COLUMN!r} column (ndarray of token ids); this dataset has '
                              f'{sorted(sample)}')
         tokens = np.asarray(sample[TOKENS_COLUMN])[:self.max_seq_len]
-        item = {'input_ids': torch.from_numpy(tokens.astype(np.int64))}
+        # sample_id: the sample's global index in the dataset, stable across processes, shuffles and resumes.
+        item = {'input_ids': torch.from_numpy(tokens.astype(np.int64)), 'sample_id': torch.tensor(index)}
         teacher = decode_teacher(sample, self.max_seq_len, self.teacher_temperature)
         return item if teacher is None else {**item, **teacher}
 
 
 def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pads ``input_ids`` to the longest sample: ``input_ids``, ``attention_mask`` and ``labels`` ``(B, T)``.
+    """Right-pads ``input_ids`` to the longest sample: ``input_ids``, ``attention_mask`` and ``labels`` ``(B, T)``,
+    and ``sample_id`` ``(B,)`` when the samples carry it (``TokenDataset``'s do).
 
     Labels are the input ids with ``-100`` on padding. Masking by position (not by token value) keeps every
     real EOS in the loss even when the pad token is the EOS token. A precomputed teacher's tensors are padded
@@ -78,6 +80,8 @@ def collate_tokens(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: 
         attention_mask[row, :len(ids)] = 1
     batch = {'input_ids': input_ids, 'attention_mask': attention_mask}
     batch['labels'] = batch_labels(batch)
+    if 'sample_id' in samples[0]:
+        batch['sample_id'] = torch.stack([torch.as_tensor(s['sample_id'], dtype=torch.long) for s in samples])
     if TEACHER_IDS in samples[0]:
         batch.update(pad_teacher(samples, length))
     return batch

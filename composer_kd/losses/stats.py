@@ -1,4 +1,5 @@
-"""Token statistics of a distillation batch for monitoring: entropies and top-1 agreement, chunk by chunk.
+"""Statistics of a distillation batch for monitoring: entropies and top-1 agreement (chunk by chunk), and each
+sample's own loss terms.
 
 Shapes: B batch, T sequence length, V vocabulary, K precomputed teacher entries, N scored tokens, C rows of one
 chunk.
@@ -7,16 +8,18 @@ Sums over the scored tokens (the positions the loss scores), so microbatches and
 caller divides by ``tokens`` once.
 """
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from composer_kd.losses.arguments import scored_positions
 from composer_kd.losses.chunked import default_chunk_elements
-from composer_kd.losses.topk import TopKTeacher
+from composer_kd.losses.dense import distillation_loss
+from composer_kd.losses.topk import TopKTeacher, topk_distillation_loss
 
-__all__ = ['STAT_NAMES', 'distillation_stat_sums']
+__all__ = ['STAT_NAMES', 'distillation_stat_sums', 'per_sample_losses']
 
 STAT_NAMES = ('student_entropy', 'teacher_entropy', 'top1_agreement')
 
@@ -71,3 +74,53 @@ def distillation_stat_sums(student_logits: torch.Tensor,
             sums['teacher_entropy'] += _entropy(torch.cat([top, rest[:, None]], dim=-1)).sum()
             sums['top1_agreement'] += (log_q.argmax(-1) == top_ids[part, 0].long()).sum(dtype=torch.float64)
     return sums
+
+
+@torch.no_grad()
+def per_sample_losses(student_logits: torch.Tensor,
+                      teacher: torch.Tensor | TopKTeacher | None,
+                      labels: torch.Tensor,
+                      ignore_index: int = -100,
+                      **settings: Any) -> dict[str, torch.Tensor]:
+    """Each sample's mean CE, mean KD and top-1 agreement over its scored tokens, by the same loss functions as
+    the batch (``distillation_loss`` / ``topk_distillation_loss`` on that sample alone), so the per-sample
+    values are the batch terms' parts.
+
+    Args:
+        student_logits (Tensor): ``(B, T, V)``.
+        teacher (Tensor | TopKTeacher, optional): dense ``(B, T, V)`` logits or a precomputed top-k; ``None``:
+            CE only (KD and agreement are NaN).
+        labels (Tensor): ``(B, T)``.
+        ignore_index (int): label value that is not scored. Default: ``-100``.
+        **settings: ``temperature``, ``divergence`` and its keywords, as the loss has them.
+
+    Returns:
+        dict[str, Tensor]: ``(B,)`` float64 ``ce``, ``kd``, ``top1_agreement`` and ``tokens`` (scored tokens).
+    """
+    student = student_logits.detach()
+    rows = student.shape[0]
+    out = {name: torch.full((rows,), math.nan, dtype=torch.float64) for name in ('ce', 'kd', 'top1_agreement')}
+    mask = scored_positions(labels, ignore_index, True)
+    out['tokens'] = mask.sum(-1).double().cpu()
+    for i in range(rows):
+        one = slice(i, i + 1)
+        if isinstance(teacher, TopKTeacher):
+            rest = None if teacher.rest_logprob is None else teacher.rest_logprob[one]
+            terms = topk_distillation_loss(student[one], teacher.ids[one], teacher.logprobs[one], labels[one],
+                                           alpha=0.0, teacher_rest_logprob=rest, ignore_index=ignore_index,
+                                           **settings)
+            teacher_top1 = teacher.ids[i, :, 0].long()
+        elif teacher is not None:
+            terms = distillation_loss(student[one], teacher[one], labels[one], alpha=0.0, ignore_index=ignore_index,
+                                      **settings)
+            teacher_top1 = teacher[i].argmax(-1)
+        else:
+            terms = distillation_loss(student[one], None, labels[one], alpha=1.0, ignore_index=ignore_index)
+            teacher_top1 = None
+        out['ce'][i] = terms['ce'].double()
+        if teacher_top1 is not None:
+            out['kd'][i] = terms['kd'].double()
+            scored = mask[i]
+            agree = (student[i].argmax(-1) == teacher_top1)[scored]
+            out['top1_agreement'][i] = agree.double().mean() if agree.numel() else math.nan
+    return out

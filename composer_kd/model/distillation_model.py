@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from composer_kd.data.teacher_topk import topk_teacher_from_batch
 from composer_kd.data.tokens import batch_labels
 from composer_kd.losses import TopKTeacher, check_distillation_args, distillation_loss, topk_distillation_loss
-from composer_kd.losses.stats import distillation_stat_sums
+from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.metrics import (
@@ -108,6 +108,8 @@ class DistillationModel(HuggingFaceModel):
         self.divergence_kwargs = resolved_kwargs
         # A dict while ``KDMonitor`` watches the current batch: each microbatch's loss adds its statistics.
         self.stat_sums: Optional[dict[str, torch.Tensor]] = None
+        # A list while ``PerSampleLog`` records the current batch: each microbatch's loss appends its samples.
+        self.sample_records: Optional[list[dict[str, torch.Tensor]]] = None
         prepare_for_fsdp(student, frozen=False)
         for member in teachers:
             prepare_for_fsdp(member, frozen=True)
@@ -174,6 +176,8 @@ class DistillationModel(HuggingFaceModel):
                                        batch_labels(batch), **settings)
         if self.stat_sums is not None and self.model.training:
             self._add_stats(outputs, batch, topk, losses)
+        if self.sample_records is not None and self.model.training:
+            self._add_samples(outputs, batch, topk)
         outputs['teacher_logits'] = None
         # Composer backpropagates 'total' and logs every key as loss/train/<key>.
         return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
@@ -188,6 +192,16 @@ class DistillationModel(HuggingFaceModel):
         assert self.stat_sums is not None
         for name, value in sums.items():
             self.stat_sums[name] = self.stat_sums[name] + value if name in self.stat_sums else value
+
+    def _add_samples(self, outputs: Mapping[str, Any], batch: Mapping[str, Any],
+                     topk: Optional[TopKTeacher]) -> None:
+        if batch.get('sample_id') is None:
+            raise ValueError('per-sample tracking needs batches with sample_id (TokenDataset gives it)')
+        teacher = topk if topk is not None else self._cut(outputs.get('teacher_logits'))
+        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
+        values = per_sample_losses(self._cut(outputs['logits']), teacher, batch_labels(batch), **settings)
+        assert self.sample_records is not None
+        self.sample_records.append({'sample_id': batch['sample_id'].detach().cpu(), **values})
 
     # -- metrics -------------------------------------------------------------------------------------------
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> Any:

@@ -10,6 +10,7 @@ from composer_kd.callbacks.csv_logger import CSVLogger
 from composer_kd.callbacks.early_stopper import StatefulEarlyStopper
 from composer_kd.callbacks.kd_monitor import KDMonitor
 from composer_kd.callbacks.kd_schedule import KDSchedule
+from composer_kd.callbacks.per_sample_log import PerSampleLog
 from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector
 from composer_kd.errors import ConfigError
 
@@ -47,6 +48,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     'scheduled_gc': ScheduledGarbageCollector,
     'kd_monitor': KDMonitor,
     'kd_schedule': KDSchedule,
+    'per_sample_log': PerSampleLog,
 }
 
 LOGGERS: dict[str, Callable[..., Any]] = {
