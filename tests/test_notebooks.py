@@ -8,7 +8,8 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / 'notebooks').glob('*.ipynb'))
-EXPORTS = {'quickstart.ipynb': 'student', 'offline_teacher.ipynb': 'offline_student'}  # what each one exports
+EXPORTS = {'quickstart.ipynb': 'student', 'offline_teacher.ipynb': 'offline_student',
+           'ensembles_and_rounds.ipynb': 'ensemble_student'}  # what each one exports
 
 
 def test_every_notebook_is_checked() -> None:
