@@ -48,9 +48,9 @@ def _command(tmp_path: Path, nproc: int, config: Path, overrides: tuple[str, ...
     return cmd, log
 
 
-def _losses(log: Path) -> dict[int, float]:
-    """``{batch: loss/train/total}`` from a Composer file log."""
-    found = re.findall(r'\[batch=(\d+)\]: loss/train/total: ([0-9.]+)', log.read_text())
+def _losses(log: Path, name: str = 'loss/train/total') -> dict[int, float]:
+    """``{batch: value}`` of one metric (default ``loss/train/total``) from a Composer file log."""
+    found = re.findall(rf'\[batch=(\d+)\]: {re.escape(name)}: ([0-9.]+)', log.read_text())
     return {int(b): float(v) for b, v in found}
 
 
@@ -224,3 +224,20 @@ def test_per_sample_log_on_two_processes_matches_one(tmp_path: Path, tiny_assets
                          for r in rows}
     for sample_id, want in values[1].items():
         assert values[2][sample_id] == pytest.approx(want, rel=1e-5, abs=1e-6), sample_id
+
+
+def test_kd_monitor_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
+    """kd_monitor sums its statistics over ranks: 2 processes log what 1 process logs for the same batches."""
+    logs = {}
+    for nproc in (1, 2):
+        (tmp_path / f'n{nproc}').mkdir()
+        config = _copy_config(tmp_path / f'n{nproc}', tiny_assets)
+        cmd, log = _command(tmp_path / f'n{nproc}', nproc, config, ('save_folder=null', 'max_duration=4ba',
+                                                                      'callbacks={kd_monitor: {interval: 2}}'))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs[nproc] = log
+    for name in ('ce', 'kd', 'student_entropy', 'teacher_entropy', 'top1_agreement'):
+        one, two = (_losses(logs[n], f'kd/train/{name}') for n in (1, 2))
+        assert sorted(one) == [0, 2] and sorted(two) == [0, 2], name
+        _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
