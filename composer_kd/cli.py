@@ -7,7 +7,7 @@ line and exits with status 2; anything else is a bug and keeps its traceback.
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from composer_kd.errors import ConfigError
 
@@ -67,6 +67,15 @@ def _quickstart(args: argparse.Namespace) -> None:
                    temperature=args.temperature, divergence=args.divergence)
 
 
+def _config_command(commands: Any, name: str, run: Callable[[argparse.Namespace], None], config_help: str,
+                    example: str, help_text: str) -> None:
+    """A subcommand that takes a YAML config and dot-list overrides."""
+    p = commands.add_parser(name, help=help_text)
+    p.add_argument('config', help=config_help)
+    p.add_argument('overrides', nargs='*', help=f'dot-list overrides, e.g. {example}')
+    p.set_defaults(run=run)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='composer-kd', description='Knowledge distillation for language models on '
                                      'MosaicML Composer.')
@@ -85,25 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--divergence', default='forward_kl', help='distillation divergence (default forward_kl)')
     p.set_defaults(run=_quickstart)
 
-    p = commands.add_parser('train', help='train from a YAML run config (launch many processes with `composer -n N '
-                            '-m composer_kd train ...`)')
-    p.add_argument('config', help='YAML run config')
-    p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. optimizer.lr=1e-4 max_duration=10ba')
-    p.set_defaults(run=_train)
-
-    p = commands.add_parser('rounds', help='multi-round distillation: the config\'s `rounds:` list, each round a train '
-                            'run with its overrides, distilled from the previous round\'s student (many processes: '
-                            '`composer -n N -m composer_kd rounds ...`)')
-    p.add_argument('config', help='YAML run config with a rounds: list')
-    p.add_argument('overrides', nargs='*', help='dot-list overrides for every round, e.g. optimizer.lr=1e-4')
-    p.set_defaults(run=_rounds)
-
-    p = commands.add_parser('precompute-teacher', help='run a teacher once over a token MDS split and write its '
-                            'top-k log-probs as an MDS dataset that `train` reads with model.teacher: {precomputed: '
-                            'true} (many processes: `composer -n N -m composer_kd precompute-teacher ...`)')
-    p.add_argument('config', help='YAML config with model.teacher, tokenizer and precompute')
-    p.add_argument('overrides', nargs='*', help='dot-list overrides, e.g. precompute.top_k=64')
-    p.set_defaults(run=_precompute_teacher)
+    _config_command(commands, 'train', _train, 'YAML run config', 'optimizer.lr=1e-4 max_duration=10ba',
+                    'train from a YAML run config (launch many processes with `composer -n N -m composer_kd train '
+                    '...`)')
+    _config_command(commands, 'rounds', _rounds, 'YAML run config with a rounds: list', 'optimizer.lr=1e-4 (every '
+                    'round)', 'multi-round distillation: the config\'s `rounds:` list, each round a train run with '
+                    'its overrides, distilled from the previous round\'s student (many processes: `composer -n N -m '
+                    'composer_kd rounds ...`)')
+    _config_command(commands, 'precompute-teacher', _precompute_teacher,
+                    'YAML config with model.teacher (or model.teachers), tokenizer and precompute',
+                    'precompute.top_k=64', 'run a teacher once over a token MDS split and write its top-k log-probs '
+                    'as an MDS dataset that `train` reads with model.teacher: {precomputed: true} (many processes: '
+                    '`composer -n N -m composer_kd precompute-teacher ...`)')
 
     p = commands.add_parser('samples', help='the training samples the student finds hardest relative to the teacher '
                             '(from callbacks.per_sample_log)')
