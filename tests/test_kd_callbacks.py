@@ -59,12 +59,13 @@ def test_the_loss_follows_the_scheduled_alpha_and_resumes_on_schedule(tmp_path, 
     trainer.close()
 
 
-def test_stat_sums_against_plain_python() -> None:
+@pytest.mark.parametrize('chunk_elements', [None, 14])  # 14: two rows a chunk, so chunks cut across samples
+def test_stat_sums_against_plain_python(chunk_elements) -> None:
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g) * 2, torch.randn(2, 5, 7, generator=g) * 2
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[1, 3:] = -100
-    sums = distillation_stat_sums(student, teacher, labels)
+    sums = distillation_stat_sums(student, teacher, labels, chunk_elements=chunk_elements)
     want = {'tokens': 0, 'student_entropy': 0.0, 'teacher_entropy': 0.0, 'top1_agreement': 0}
     for i in range(2):
         for t in range(4):  # position t is scored against labels[:, t+1]

@@ -15,7 +15,8 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from torch.nn.parallel import DistributedDataParallel
+
+from composer_kd.callbacks.unwrap import composer_model
 
 __all__ = ['KDMonitor']
 
@@ -32,17 +33,13 @@ class KDMonitor(Callback):
             raise ValueError(f'interval must be a positive integer, got {interval!r}')
         self.interval = interval
 
-    @staticmethod
-    def _model(state: State) -> torch.nn.Module:
-        return state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
-
     def batch_start(self, state: State, logger: Logger) -> None:
-        model = self._model(state)
+        model = composer_model(state)
         model.stat_sums = {} if int(state.timestamp.batch) % self.interval == 0 else None
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         # Before the timestamp moves on, so the values sit at the same step as Composer's loss/train/*.
-        model = self._model(state)
+        model = composer_model(state)
         sums, model.stat_sums = model.stat_sums, None
         if sums is None:
             return

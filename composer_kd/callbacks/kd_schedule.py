@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional
 
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
-from torch.nn.parallel import DistributedDataParallel
+
+from composer_kd.callbacks.unwrap import composer_model
 
 __all__ = ['KDSchedule', 'Schedule', 'parse_schedule', 'scheduled_value']
 
@@ -103,7 +104,7 @@ class KDSchedule(Callback):
         return state.timestamp.get(schedule.duration.unit).value / schedule.duration.value
 
     def _apply(self, state: State, logger: Logger) -> None:
-        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        model = composer_model(state)
         values = {}
         for name, schedule in self.schedules.items():
             values[name] = scheduled_value(schedule.schedule, schedule.start, schedule.end,

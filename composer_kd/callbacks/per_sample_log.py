@@ -25,7 +25,8 @@ from typing import Any, Optional, TextIO
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
-from torch.nn.parallel import DistributedDataParallel
+
+from composer_kd.callbacks.unwrap import composer_model
 
 __all__ = ['PerSampleLog', 'COLUMNS', 'MERGED_FILE', 'DATASET_FILE']
 
@@ -51,10 +52,6 @@ class PerSampleLog(Callback):
         self._file: Optional[TextIO] = None
         self._queue: 'queue.Queue[Optional[list[list[Any]]]]' = queue.Queue()
         self._thread: Optional[threading.Thread] = None
-
-    @staticmethod
-    def _model(state: State) -> Any:
-        return state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
 
     def _path(self, rank: int) -> str:
         assert self.folder is not None
@@ -88,10 +85,10 @@ class PerSampleLog(Callback):
                 self._queue.task_done()
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        self._model(state).sample_records = []
+        composer_model(state).sample_records = []
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
-        model = self._model(state)
+        model = composer_model(state)
         records, model.sample_records = model.sample_records, None
         step, epoch, rank = int(state.timestamp.batch), int(state.timestamp.epoch), dist.get_global_rank()
         rows = []

@@ -50,7 +50,7 @@ def read_json(path: str) -> Optional[dict[str, Any]]:
         return json.load(f)
 
 
-def write_json(path: str, record: Mapping[str, Any]) -> None:
+def write_json(path: str, record: Any) -> None:
     """Writes ``record`` to ``path`` all at once (a temporary file, then a rename)."""
     tmp = f'{path}.tmp-{os.getpid()}'
     with open(tmp, 'w') as f:

@@ -51,28 +51,29 @@ def distillation_stat_sums(student_logits: torch.Tensor,
     """
     mask = scored_positions(labels, ignore_index, True).flatten()
     vocab = student_logits.shape[-1]
-    rows = student_logits.reshape(-1, vocab)[mask]
-    dense = teacher.reshape(-1, vocab)[mask] if isinstance(teacher, torch.Tensor) else None
+    rows = student_logits.reshape(-1, vocab)  # views: rows are gathered chunk by chunk, never all at once
+    dense = teacher.reshape(-1, vocab) if isinstance(teacher, torch.Tensor) else None
     if isinstance(teacher, TopKTeacher):
-        top_ids, top_logprobs = (t.reshape(-1, t.shape[-1])[mask] for t in teacher[:2])
-    sums = {'tokens': torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
+        top_ids, top_logprobs = (t.reshape(-1, t.shape[-1]) for t in teacher[:2])
+    sums = {'tokens': mask.sum(dtype=torch.float64)}
     for name in STAT_NAMES if teacher is not None else STAT_NAMES[:1]:
         sums[name] = torch.zeros((), dtype=torch.float64, device=rows.device)
     chunk = max(1, (chunk_elements or default_chunk_elements(rows.device)) // vocab)
     for start in range(0, rows.shape[0], chunk):
-        part = slice(start, start + chunk)
-        log_q = F.log_softmax(rows[part].float(), dim=-1)
+        keep = mask[start:start + chunk]
+        log_q = F.log_softmax(rows[start:start + chunk][keep].float(), dim=-1)
         sums['student_entropy'] += _entropy(log_q).sum(dtype=torch.float64)
         if dense is not None:
-            log_p = F.log_softmax(dense[part].float(), dim=-1)
+            log_p = F.log_softmax(dense[start:start + chunk][keep].float(), dim=-1)
             sums['teacher_entropy'] += _entropy(log_p).sum(dtype=torch.float64)
             sums['top1_agreement'] += (log_q.argmax(-1) == log_p.argmax(-1)).sum(dtype=torch.float64)
         elif teacher is not None:
             # At temperature 1 the rest bucket is 1 − Σ top-k (the recorded rest is at the loss's temperature).
-            top = top_logprobs[part].double()
+            top = top_logprobs[start:start + chunk][keep].double()
             rest = (1.0 - top.exp().sum(-1)).clamp(min=0.0).log()
             sums['teacher_entropy'] += _entropy(torch.cat([top, rest[:, None]], dim=-1)).sum()
-            sums['top1_agreement'] += (log_q.argmax(-1) == top_ids[part, 0].long()).sum(dtype=torch.float64)
+            top1 = top_ids[start:start + chunk][keep][:, 0].long()
+            sums['top1_agreement'] += (log_q.argmax(-1) == top1).sum(dtype=torch.float64)
     return sums
 
 

@@ -111,8 +111,6 @@ class DistillationModel(HuggingFaceModel):
         # A list while ``PerSampleLog`` records the current batch: each microbatch's loss appends its samples.
         self.sample_records: Optional[list[dict[str, torch.Tensor]]] = None
         prepare_for_fsdp(student, frozen=False)
-        for member in teachers:
-            prepare_for_fsdp(member, frozen=True)
 
     def set_loss_settings(self, alpha: Optional[float] = None, temperature: Optional[float] = None) -> None:
         """Changes alpha and/or the temperature of the loss (and of ``TeacherDivergenceLoss``) from the next
@@ -165,27 +163,27 @@ class DistillationModel(HuggingFaceModel):
         The loss takes its gradient during this call, so the teacher's ``(B, T, V)`` logits — the largest
         tensor of the step — are no longer needed, and Composer would otherwise hold them through backward.
         """
-        settings = {'alpha': self.alpha, 'temperature': self.temperature, 'divergence': self.divergence,
-                    **self.divergence_kwargs}
+        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
+        student, labels = self._cut(outputs['logits']), batch_labels(batch)
         topk: Optional[TopKTeacher] = outputs.get('teacher_topk')
+        teacher = topk if topk is not None else self._cut(outputs['teacher_logits'])
         if topk is not None:
-            losses = topk_distillation_loss(self._cut(outputs['logits']), topk.ids, topk.logprobs, batch_labels(batch),
+            losses = topk_distillation_loss(student, topk.ids, topk.logprobs, labels, alpha=self.alpha,
                                             teacher_rest_logprob=topk.rest_logprob, **settings)
         else:
-            losses = distillation_loss(self._cut(outputs['logits']), self._cut(outputs['teacher_logits']),
-                                       batch_labels(batch), **settings)
+            losses = distillation_loss(student, teacher, labels, alpha=self.alpha, **settings)
         if self.stat_sums is not None and self.model.training:
-            self._add_stats(outputs, batch, topk, losses)
+            self._add_stats(student, teacher, labels, losses)
         if self.sample_records is not None and self.model.training:
-            self._add_samples(outputs, batch, topk)
+            self._add_samples(student, teacher, labels, batch, settings)
         outputs['teacher_logits'] = None
         # Composer backpropagates 'total' and logs every key as loss/train/<key>.
         return {'total': losses['total'], 'ce': losses['ce'].detach(), 'kd': losses['kd'].detach()}
 
-    def _add_stats(self, outputs: Mapping[str, Any], batch: Mapping[str, Any], topk: Optional[TopKTeacher],
+    def _add_stats(self, student: torch.Tensor, teacher: torch.Tensor | TopKTeacher | None, labels: torch.Tensor,
                    losses: Mapping[str, torch.Tensor]) -> None:
-        teacher = topk if topk is not None else self._cut(outputs.get('teacher_logits'))
-        sums = distillation_stat_sums(self._cut(outputs['logits']), teacher, batch_labels(batch))
+        """Adds a microbatch's token sums to ``stat_sums`` (``KDMonitor``)."""
+        sums = distillation_stat_sums(student, teacher, labels)
         sums['ce'] = losses['ce'].detach().double() * sums['tokens']
         if teacher is not None:
             sums['kd'] = losses['kd'].detach().double() * sums['tokens']
@@ -193,13 +191,12 @@ class DistillationModel(HuggingFaceModel):
         for name, value in sums.items():
             self.stat_sums[name] = self.stat_sums[name] + value if name in self.stat_sums else value
 
-    def _add_samples(self, outputs: Mapping[str, Any], batch: Mapping[str, Any],
-                     topk: Optional[TopKTeacher]) -> None:
+    def _add_samples(self, student: torch.Tensor, teacher: torch.Tensor | TopKTeacher | None, labels: torch.Tensor,
+                     batch: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+        """Appends a microbatch's per-sample terms to ``sample_records`` (``PerSampleLog``)."""
         if batch.get('sample_id') is None:
             raise ValueError('per-sample tracking needs batches with sample_id (TokenDataset gives it)')
-        teacher = topk if topk is not None else self._cut(outputs.get('teacher_logits'))
-        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
-        values = per_sample_losses(self._cut(outputs['logits']), teacher, batch_labels(batch), **settings)
+        values = per_sample_losses(student, teacher, labels, **settings)
         assert self.sample_records is not None
         self.sample_records.append({'sample_id': batch['sample_id'].detach().cpu(), **values})
 

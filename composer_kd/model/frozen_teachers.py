@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from composer_kd.losses.ensemble import ENSEMBLE_MODES, check_ensemble_weights, ensemble_teacher_logits
+from composer_kd.model.fsdp import prepare_for_fsdp
 
 __all__ = ['FrozenTeachers']
 
@@ -51,6 +52,7 @@ class FrozenTeachers(torch.nn.Module):
         for teacher in teachers:
             teacher.requires_grad_(False)
             teacher.eval()
+            prepare_for_fsdp(teacher, frozen=True)  # also right when a teacher is used on its own
         block_names = frozenset(name for t in teachers for name in (getattr(t, '_no_split_modules', None) or ()))
         self.fsdp_wrap_fn = functools.partial(_wraps, tuple(teachers), block_names)
         self.activation_checkpointing_fn = _never

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel
 
 from composer_kd.losses.chunked import default_chunk_elements
 from composer_kd.model.frozen_teachers import FrozenTeachers
-from composer_kd.model.fsdp import prepare_for_fsdp
 
 __all__ = ['TeacherTopKModel', 'topk_logprobs']
 
@@ -81,10 +80,7 @@ class TeacherTopKModel(ComposerModel):
     def __init__(self, teacher: PreTrainedModel | FrozenTeachers, vocab_size: int, k: int,
                  temperatures: Sequence[float]) -> None:
         super().__init__()
-        teachers = teacher if isinstance(teacher, FrozenTeachers) else FrozenTeachers([teacher])
-        for member in teachers:
-            prepare_for_fsdp(member, frozen=True)
-        self.teachers = teachers
+        self.teachers = teacher if isinstance(teacher, FrozenTeachers) else FrozenTeachers([teacher])
         self.vocab_size, self.k, self.temperatures = vocab_size, k, tuple(temperatures)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_en
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 
 __all__ = [
-    'BatchSizes', 'check_ensemble', 'check_fsdp', 'check_precision', 'check_run_config', 'has_teacher', 'run_precision',
-    'eval_metric_names', 'METRIC_DIRECTIONS'
+    'BatchSizes', 'check_ensemble', 'ensemble_mode', 'check_fsdp', 'check_precision', 'check_run_config',
+    'has_teacher', 'run_precision', 'eval_metric_names', 'METRIC_DIRECTIONS'
 ]
 
 # The better direction of each metric the model reports. Composer's EarlyStopper guesses from the name and gets
@@ -35,10 +35,15 @@ def has_teacher(model: Mapping[str, Any]) -> bool:
     return model.get('teacher') is not None or model.get('teachers') is not None
 
 
+def ensemble_mode(model: Mapping[str, Any]) -> str:
+    """``model.distillation.ensemble`` of a ``model:`` section, ``'probs'`` when not given."""
+    return (model.get('distillation') or {}).get('ensemble', 'probs')
+
+
 def check_ensemble(model: Mapping[str, Any]) -> list[float]:
     """The normalised weights of ``model.teachers`` (``[1.0]`` for one ``model.teacher``); refuses a bad weight
     or ``model.distillation.ensemble`` value."""
-    mode = (model.get('distillation') or {}).get('ensemble', 'probs')
+    mode = ensemble_mode(model)
     if mode not in ENSEMBLE_MODES:
         raise ConfigError(f'model.distillation.ensemble={mode!r}: use one of {list(ENSEMBLE_MODES)}')
     teachers = model.get('teachers')

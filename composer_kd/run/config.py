@@ -201,13 +201,7 @@ def _check_teachers(model: Mapping[str, Any], sections: Mapping[str, frozenset[s
     if not isinstance(teachers, list) or not teachers:
         raise ConfigError(f'model.teachers must be a non-empty list of teacher models, got {teachers!r}')
     for i, entry in enumerate(teachers):
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f'model.teachers.{i} must be a mapping (pretrained_model_name_or_path, weight, ...), '
-                              f'got {entry!r}')
-        unknown = sorted(set(entry) - sections['model.teachers.N'])
-        if unknown:
-            raise ConfigError(f'unknown key model.teachers.{i}.{unknown[0]}; allowed: '
-                              f'{sorted(sections["model.teachers.N"])}')
+        _check_section(f'model.teachers.{i}', entry, {f'model.teachers.{i}': sections['model.teachers.N']})
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:

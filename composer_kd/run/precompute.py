@@ -54,7 +54,7 @@ from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.model.vocab import embedding_rows
 from composer_kd.run import precompute_record as record
-from composer_kd.run.checks import check_ensemble
+from composer_kd.run.checks import check_ensemble, ensemble_mode
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
 from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
@@ -192,7 +192,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f'{key}: it has {embedding_rows(model)} output logits but the tokenizer has {vocab} '
                               'tokens')
     ensemble = FrozenTeachers(models, check_ensemble(cfg['model']) if len(models) > 1 else None,
-                              (cfg['model'].get('distillation') or {}).get('ensemble', 'probs'))
+                              ensemble_mode(cfg['model']))
     num_parts = math.ceil(total / settings.samples_per_part)
     kept = complete_parts(settings.split_dir)
     remaining = [p for p in range(num_parts) if p not in kept]

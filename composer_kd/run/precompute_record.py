@@ -17,7 +17,7 @@ from composer_kd.data.teacher_topk import (
 from composer_kd.data.topk_parts import PLAN_FILE, read_json
 from composer_kd.errors import ConfigError
 from composer_kd.model.vocab import embedding_rows
-from composer_kd.run.checks import check_ensemble
+from composer_kd.run.checks import check_ensemble, ensemble_mode
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.precompute_settings import PrecomputeSettings
 
@@ -40,7 +40,7 @@ def plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, s
     teachers = [_absolute(section) for _, section in teacher_entries(cfg['model'])]
     local = settings.dataset.get('local')
     ensemble = {'teachers': teachers, 'weights': check_ensemble(cfg['model']),
-                'ensemble': (cfg['model'].get('distillation') or {}).get('ensemble', 'probs')}
+                'ensemble': ensemble_mode(cfg['model'])}
     return {
         **({'teacher': teachers[0]} if len(teachers) == 1 else ensemble),
         'tokenizer': {'name': str(cfg['tokenizer']['name']), 'size': len(tokenizer),

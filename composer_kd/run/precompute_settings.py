@@ -8,7 +8,7 @@ from streaming.base.compression import get_compressions
 
 from composer_kd.data.teacher_topk import ENCODINGS
 from composer_kd.errors import ConfigError
-from composer_kd.run.checks import check_ensemble, check_fsdp, check_precision
+from composer_kd.run.checks import check_ensemble, check_fsdp, check_precision, ensemble_mode
 from composer_kd.run.config import teacher_entries
 
 __all__ = ['PrecomputeSettings', 'check_precompute_config', 'check_precompute_paths']
@@ -107,7 +107,7 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
         raise ConfigError(f'precompute.out.compression={compression!r}: use null or one of Streaming\'s '
                           f'compressions (e.g. zstd)')
     temperatures = _temperatures(section.get('temperatures', [1.0]))
-    mode = (cfg['model'].get('distillation') or {}).get('ensemble', 'probs')
+    mode = ensemble_mode(cfg['model'])
     if cfg['model'].get('teachers') is not None and mode == 'probs' and temperatures != (1.0,):
         # The stored top-k is of the T = 1 mixture; a mixture of tempered distributions is not its power 1/T.
         raise ConfigError(f'precompute.temperatures={list(temperatures)}: an ensemble with ensemble: probs is stored '

@@ -13,13 +13,14 @@ exported student, a ``save_pretrained`` folder) and ``metrics.json`` (written la
 complete, and a rerun skips it). Every round's config is built and checked before the first round trains.
 """
 
-import json
 import os
 import time
 from typing import Any, Mapping, Sequence
 
+import torch
 from composer.utils import dist
 
+from composer_kd.data.topk_parts import read_json, write_json
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import check_run_config
 from composer_kd.run.config import read_yaml, validate_config
@@ -71,10 +72,9 @@ def load_rounds(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str
     configs = []
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     for r, entry in enumerate(entries, start=1):
-        here = os.path.join(folder, f'round-{r}')
         chain = []
         if r > 1 and not _names_teacher(entry):
-            previous = os.path.join(folder, f'round-{r - 1}', 'student')
+            previous = os.path.join(_round_dir(folder, r - 1), 'student')
             chain = ['model.teachers=null', 'model.teacher=null',
                      f'model.teacher.pretrained_model_name_or_path={previous}']
         try:
@@ -82,18 +82,18 @@ def load_rounds(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str
             run_name = f'{cfg["run_name"]}-round-{r}'
             cfg.pop('rounds', None)
             cfg.pop('rounds_folder', None)
-            cfg.update({'run_name': run_name, 'save_folder': os.path.join(here, 'checkpoints'), 'autoresume': True})
+            cfg.update({'run_name': run_name, 'save_folder': os.path.join(_round_dir(folder, r), 'checkpoints'),
+                        'autoresume': True})
             validate_config(cfg)
-            check_run_config(cfg, world_size, _gpu(), os.environ.get('FSDP_VERSION'))
+            check_run_config(cfg, world_size, torch.cuda.is_available(), os.environ.get('FSDP_VERSION'))
         except ConfigError as e:
             raise ConfigError(f'rounds.{r - 1}: {e}') from e
         configs.append(cfg)
     return configs, folder
 
 
-def _gpu() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def _round_dir(folder: str, r: int) -> str:
+    return os.path.join(folder, f'round-{r}')
 
 
 def _teacher_of(cfg: Mapping[str, Any]) -> str:
@@ -105,13 +105,6 @@ def _teacher_of(cfg: Mapping[str, Any]) -> str:
     if teacher is None:
         return 'none (labels only)'
     return 'precomputed' if teacher.get('precomputed') else str(teacher.get('pretrained_model_name_or_path', 'config'))
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _run_round(cfg: dict[str, Any], here: str, r: int) -> dict[str, Any]:
@@ -129,7 +122,7 @@ def _run_round(cfg: dict[str, Any], here: str, r: int) -> dict[str, Any]:
     record = {'round': r, 'run_name': cfg['run_name'], 'teacher': _teacher_of(cfg), 'steps': steps,
               'wall_s': time.perf_counter() - start, 'eval': metrics, 'student': os.path.join(here, 'student')}
     if dist.get_global_rank() == 0:
-        _write_json(os.path.join(here, METRICS_FILE), record)
+        write_json(os.path.join(here, METRICS_FILE), record)
     dist.barrier()  # the next round's teacher is this round's student, on every rank
     return record
 
@@ -142,22 +135,21 @@ def run_rounds(path: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]
     configs, folder = load_rounds(path, overrides)
     records = []
     for r, cfg in enumerate(configs, start=1):
-        here = os.path.join(folder, f'round-{r}')
-        done = os.path.join(here, METRICS_FILE)
-        if os.path.isfile(done):
-            with open(done) as f:
-                records.append(json.load(f))
+        here = _round_dir(folder, r)
+        done = read_json(os.path.join(here, METRICS_FILE))
+        if done is not None:
+            records.append(done)
             _print(f'rounds: round {r} is complete ({here}); skipped')
             continue
         records.append(_run_round(cfg, here, r))
-    if not dist.is_initialized() or dist.get_global_rank() == 0:
-        _write_json(os.path.join(folder, SUMMARY_FILE), records)
-        _print(summary_table(records))
+    if dist.get_global_rank() == 0:
+        write_json(os.path.join(folder, SUMMARY_FILE), records)
+        print(summary_table(records), flush=True)
     return records
 
 
 def _print(line: str) -> None:
-    if not dist.is_initialized() or dist.get_global_rank() == 0:
+    if dist.get_global_rank() == 0:
         print(line, flush=True)
 
 
