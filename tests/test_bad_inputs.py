@@ -24,6 +24,7 @@ def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, mat
     (['model.distillation.temperature=0'], 'model.distillation.temperature must be a number > 0, got 0'),
     (['model.distillation.divergence=kl'], "got 'kl'"),
     (['model.distillation.beta=0.5'], "divergence 'forward_kl' takes no argument 'beta'"),
+    (['model.distillation.fused_head=2'], 'model.distillation.fused_head must be true, false or liger, got 2'),
     (['global_train_batch_size=8', 'device_train_microbatch_size=3'],
      'device_train_microbatch_size=3 does not divide the device batch of 8'),
     (['precision=amp_bf16'], "precision='amp_bf16' needs a GPU"),

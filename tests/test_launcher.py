@@ -1,8 +1,8 @@
 """The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference, an FSDP2 run killed
 after a sharded checkpoint that autoresume continues exactly, ``precompute-teacher`` on 2 processes (and with
 FSDP2) writing the same dataset as on 1, offline distillation on 2 processes against 1, and a sharded teacher
-ensemble against 1 process, rounds and per-sample logs on 2 processes against 1. Slow (about 5 minutes on
-2 cores)."""
+ensemble against 1 process, the fused LM-head loss sharded on 2 processes against the logits path on 1, rounds
+and per-sample logs on 2 processes against 1. Slow (about 5 minutes on 2 cores)."""
 
 import csv
 import json
@@ -186,6 +186,17 @@ def test_ensemble_recipe_sharded_on_two_processes_matches_one(tmp_path: Path, ti
     two = _launch(tmp_path, 2, config, 'save_folder=null', FSDP[0], fsdp2=True)
     assert len(one) == 12 and one[11] < one[0] - 0.3  # it learns
     _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
+    assert len(two) == 12
+
+
+def test_fused_head_sharded_on_two_processes_matches_the_logits_path(tmp_path: Path, tiny_assets: Path,
+                                                                     reference: dict[int, float]) -> None:
+    """``fused_head: true`` with student and teacher sharded by FSDP2 across 2 processes (the heads' weights
+    gathered inside their calls, the tied embedding's gradient through the loss) follows the 1-process logits
+    path's trajectory."""
+    config = _copy_config(tmp_path, tiny_assets)
+    two = _launch(tmp_path, 2, config, 'save_folder=null', 'model.distillation.fused_head=true', FSDP[0], fsdp2=True)
+    _assert_same_trajectory(two, reference, ACROSS_LAYOUTS)
     assert len(two) == 12
 
 

@@ -26,7 +26,8 @@ def _with_topk_teacher(sample: dict[str, torch.Tensor], teacher: torch.nn.Module
     return {**sample, TEACHER_IDS: ids.int(), TEACHER_LOGPROBS: logprobs.half(), TEACHER_REST: rest[:, 0].half()}
 
 
-def _one_step(microbatch: int, accumulate_on_tokens: bool = True, precomputed: bool = False) -> dict[str, torch.Tensor]:
+def _one_step(microbatch: int, accumulate_on_tokens: bool = True, precomputed: bool = False,
+              fused_head: bool = False) -> dict[str, torch.Tensor]:
     """Student parameters after one SGD step (SGD keeps the update proportional to the gradient)."""
     g = torch.Generator().manual_seed(0)
     samples = [{'input_ids': torch.randint(0, 48, (n,), generator=g)} for n in LENGTHS]
@@ -34,9 +35,10 @@ def _one_step(microbatch: int, accumulate_on_tokens: bool = True, precomputed: b
     teacher = tiny_gpt2(n_layer=2, n_embd=24, seed=2, dtype=torch.float64)
     if precomputed:  # the teacher's top-k comes with the batch; forward KL over the buckets
         samples = [_with_topk_teacher(s, teacher) for s in samples]
-        model = DistillationModel(student, None, alpha=0.4, temperature=2.0, precomputed_teacher=True)
+        model = DistillationModel(student, None, alpha=0.4, temperature=2.0, precomputed_teacher=True,
+                                  fused_head=fused_head)
     else:
-        model = DistillationModel(student, teacher, alpha=0.4, temperature=2.0, divergence='jsd')
+        model = DistillationModel(student, teacher, alpha=0.4, temperature=2.0, divergence='jsd', fused_head=fused_head)
     loader = DataLoader(samples, batch_size=len(samples), collate_fn=collate_tokens)
     trainer = Trainer(model=model,
                       train_dataloader=token_data_spec(loader),
@@ -77,6 +79,15 @@ def test_same_update_with_a_precomputed_teacher(microbatch: int) -> None:
     # The teacher's top-k tensors are split with the batch and padded like it.
     full = _one_step(len(LENGTHS), precomputed=True)
     assert _relative_update_difference(_one_step(microbatch, precomputed=True), full) <= 1e-6
+
+
+@pytest.mark.parametrize('microbatch', [1, 4, 6])
+@pytest.mark.parametrize('precomputed', [False, True])
+def test_fused_head_gives_the_logits_update(microbatch: int, precomputed: bool) -> None:
+    # The fused LM-head loss, split into microbatches, against the logits path on the whole batch.
+    full = _one_step(len(LENGTHS), precomputed=precomputed)
+    fused = _one_step(microbatch, precomputed=precomputed, fused_head=True)
+    assert _relative_update_difference(fused, full) <= 1e-6
 
 
 def test_sample_weighted_accumulation_would_differ(full_batch: dict[str, torch.Tensor]) -> None:

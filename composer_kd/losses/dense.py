@@ -22,7 +22,7 @@ from composer_kd.losses.arguments import (
 from composer_kd.losses.chunked import RowsFn, autograd_rows, chunked_loss_sums
 from composer_kd.losses.divergences import DIVERGENCES
 
-__all__ = ['distillation_loss']
+__all__ = ['dense_rows_fn', 'distillation_loss']
 
 
 def _closed_form_rows(alpha: float, temperature: float) -> RowsFn:
@@ -80,6 +80,17 @@ def _divergence_values(temperature: float, divergence: str, params: dict[str, fl
     return values
 
 
+def dense_rows_fn(alpha: float, temperature: float, divergence: str, params: dict[str, float],
+                  with_teacher: bool) -> RowsFn:
+    """The rows function of the dense loss: closed form for forward KL (and CE alone), autograd otherwise.
+
+    Its teacher rows are ``(teacher logits (C, V),)``, or empty ``()`` without a teacher.
+    """
+    if not with_teacher or divergence == 'forward_kl':
+        return _closed_form_rows(alpha, temperature)
+    return autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: Optional[torch.Tensor],
@@ -133,10 +144,7 @@ def distillation_loss(
     mask = scored_positions(labels, ignore_index, shift_labels)
     targets = shifted_targets(labels, mask, shift_labels)
     teacher = () if teacher_logits is None else (teacher_logits.reshape(-1, teacher_logits.shape[-1]),)
-    if teacher_logits is None or divergence == 'forward_kl':
-        rows_fn = _closed_form_rows(alpha, temperature)
-    else:
-        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
+    rows_fn = dense_rows_fn(alpha, temperature, divergence, params, teacher_logits is not None)
     total, ce, kd = chunked_loss_sums(student_logits, teacher, rows_fn, mask.flatten(), targets.flatten(),
                                       mask.sum().clamp(min=1), alpha, temperature, chunk_elements)
     return {'total': total, 'ce': ce, 'kd': kd}

@@ -34,7 +34,7 @@ from composer_kd.losses.arguments import (
 from composer_kd.losses.chunked import RowsFn, autograd_rows, chunked_loss_sums
 from composer_kd.losses.divergences import DIVERGENCES
 
-__all__ = ['TopKTeacher', 'topk_distillation_loss', 'teacher_buckets']
+__all__ = ['TopKTeacher', 'check_topk_teacher', 'teacher_buckets', 'topk_distillation_loss', 'topk_rows']
 
 _TINY = torch.finfo(torch.float32).tiny  # the floor of the student's rest mass before its log
 
@@ -149,6 +149,51 @@ def _divergence_values(
     return values
 
 
+def check_topk_teacher(ids: torch.Tensor, logprobs: torch.Tensor, rest_logprob: Optional[torch.Tensor], B: int, T: int,
+                       V: int) -> None:
+    """Refuses top-K teacher tensors (``teacher_topk_ids``, ``teacher_topk_logprobs``, ``teacher_rest_logprob``)
+    that do not fit a ``(B, T)`` batch over V vocabulary entries."""
+    if ids.dim() != 3 or ids.shape[:2] != (B, T) or not 1 <= ids.shape[2] <= V:
+        raise ValueError(f'teacher_topk_ids must be (B, T, K) = ({B}, {T}, K) with 1 <= K <= {V}, got shape '
+                         f'{tuple(ids.shape)}')
+    if ids.is_floating_point():
+        raise ValueError(f'teacher_topk_ids must hold integer ids, got dtype {ids.dtype}')
+    if logprobs.shape != ids.shape:
+        raise ValueError(f'teacher_topk_logprobs shape {tuple(logprobs.shape)} does not match '
+                         f'teacher_topk_ids shape {tuple(ids.shape)}')
+    if rest_logprob is not None and rest_logprob.shape != (B, T):
+        raise ValueError(f'teacher_rest_logprob must be (B, T) = ({B}, {T}), got shape {tuple(rest_logprob.shape)}')
+
+
+def topk_rows(ids: torch.Tensor, logprobs: torch.Tensor, rest_logprob: Optional[torch.Tensor], vocab_size: int,
+              alpha: float, temperature: float, divergence: str, params: dict[str, float],
+              dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], RowsFn]:
+    """The teacher's per-row tensors and the rows function of the top-K loss, for R rows.
+
+    The teacher's buckets are ``(R, K)``-sized: built for every row at once, outside the chunk loop.
+
+    Args:
+        ids (Tensor): ``(R, K)`` integer ids. logprobs (Tensor): ``(R, K)`` at temperature 1.
+        rest_logprob (Tensor, optional): ``(R,)`` log rest mass at ``temperature``.
+        vocab_size (int): V (a rest bucket exists when K < V).
+        alpha, temperature, divergence, params: the loss settings (already checked).
+        dtype (torch.dtype): the compute dtype (float32, or float64).
+    """
+    K = ids.shape[1]
+    rest = rest_logprob.to(dtype) if rest_logprob is not None else None
+    log_p_topk, log_p_rest = teacher_buckets(logprobs.to(dtype), rest, temperature, has_rest=K < vocab_size)
+    ids = ids.long()
+    if divergence != 'forward_kl':
+        teacher = (ids, log_p_topk) if log_p_rest is None else (ids, log_p_topk, log_p_rest)
+        return teacher, autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
+    p_topk = log_p_topk.exp()
+    neg_entropy = torch.xlogy(p_topk, p_topk).sum(dim=-1)  # Σ p·log p, 0·log 0 = 0
+    if log_p_rest is None:
+        return (ids, p_topk, neg_entropy), _closed_form_rows(alpha, temperature)
+    p_rest = log_p_rest.exp()
+    return (ids, p_topk, neg_entropy + torch.xlogy(p_rest, p_rest), p_rest), _closed_form_rows(alpha, temperature)
+
+
 def topk_distillation_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -199,38 +244,14 @@ def topk_distillation_loss(
     params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
     check_student_and_labels(student_logits, labels)
     B, T, V = student_logits.shape
-    if teacher_topk_ids.dim() != 3 or teacher_topk_ids.shape[:2] != (B, T) or not 1 <= teacher_topk_ids.shape[2] <= V:
-        raise ValueError(f'teacher_topk_ids must be (B, T, K) = ({B}, {T}, K) with 1 <= K <= {V}, got shape '
-                         f'{tuple(teacher_topk_ids.shape)}')
-    if teacher_topk_ids.is_floating_point():
-        raise ValueError(f'teacher_topk_ids must hold integer ids, got dtype {teacher_topk_ids.dtype}')
-    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
-        raise ValueError(f'teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} does not match '
-                         f'teacher_topk_ids shape {tuple(teacher_topk_ids.shape)}')
-    if teacher_rest_logprob is not None and teacher_rest_logprob.shape != (B, T):
-        raise ValueError(f'teacher_rest_logprob must be (B, T) = ({B}, {T}), got shape '
-                         f'{tuple(teacher_rest_logprob.shape)}')
-
-    K = teacher_topk_ids.shape[2]
+    check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs, teacher_rest_logprob, B, T, V)
     mask = scored_positions(labels, ignore_index, shift_labels)
     targets = shifted_targets(labels, mask, shift_labels)
-    # The teacher's buckets are (B·T, K)-sized: built for every row at once, outside the chunk loop.
+    rest = teacher_rest_logprob.reshape(-1) if teacher_rest_logprob is not None else None
+    K = teacher_topk_ids.shape[2]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    rest = teacher_rest_logprob.reshape(-1).to(dtype) if teacher_rest_logprob is not None else None
-    log_p_topk, log_p_rest = teacher_buckets(teacher_topk_logprobs.reshape(-1, K).to(dtype), rest, temperature,
-                                             has_rest=K < V)
-    ids = teacher_topk_ids.reshape(-1, K).long()
-    if divergence == 'forward_kl':
-        p_topk = log_p_topk.exp()
-        neg_entropy = torch.xlogy(p_topk, p_topk).sum(dim=-1)  # Σ p·log p, 0·log 0 = 0
-        teacher: tuple[torch.Tensor, ...] = (ids, p_topk, neg_entropy)
-        if log_p_rest is not None:
-            p_rest = log_p_rest.exp()
-            teacher = (ids, p_topk, neg_entropy + torch.xlogy(p_rest, p_rest), p_rest)
-        rows_fn = _closed_form_rows(alpha, temperature)
-    else:
-        teacher = (ids, log_p_topk) if log_p_rest is None else (ids, log_p_topk, log_p_rest)
-        rows_fn = autograd_rows(_divergence_values(temperature, divergence, params), alpha, temperature)
+    teacher, rows_fn = topk_rows(teacher_topk_ids.reshape(-1, K), teacher_topk_logprobs.reshape(-1, K), rest, V,
+                                 alpha, temperature, divergence, params, dtype)
     total, ce, kd = chunked_loss_sums(student_logits, teacher, rows_fn, mask.flatten(), targets.flatten(),
                                       mask.sum().clamp(min=1), alpha, temperature, chunk_elements)
     return {'total': total, 'ce': ce, 'kd': kd}

@@ -1,5 +1,6 @@
 """``DistillationModel``: a Composer ``HuggingFaceModel`` whose ``model`` is the student, plus a frozen teacher."""
 
+import logging
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -9,19 +10,32 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.data.teacher_topk import topk_teacher_from_batch
 from composer_kd.data.tokens import batch_labels
-from composer_kd.losses import TopKTeacher, check_distillation_args, distillation_loss, topk_distillation_loss
+from composer_kd.losses import (
+    TopKTeacher,
+    check_distillation_args,
+    distillation_loss,
+    scored_positions,
+    topk_distillation_loss,
+)
+from composer_kd.losses.fused import LinearHead, fused_distillation_loss
+from composer_kd.losses.liger import liger_distillation_loss, liger_refusal
 from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
+from composer_kd.model.head_tap import HeadTap
 from composer_kd.model.metrics import (
+    ChunkedCrossEntropyUpdate,
     ChunkedLanguageCrossEntropy,
     ChunkedLanguagePerplexity,
     TeacherDivergenceLoss,
     TeacherTop1Agreement,
+    TokenSums,
 )
 from composer_kd.model.vocab import shared_vocab_size
 
 __all__ = ['DistillationModel']
+
+log = logging.getLogger(__name__)
 
 # 'teacher.': checkpoints of versions that held one teacher under that name.
 _TEACHER_PREFIXES = ('teachers.', 'teacher.')
@@ -47,6 +61,11 @@ class DistillationModel(HuggingFaceModel):
     With ``precomputed_teacher=True`` there is no teacher model: the batches carry the teacher's top-k
     (a dataset written by ``composer-kd precompute-teacher``) and the loss is ``topk_distillation_loss``.
 
+    With ``fused_head=True`` a training step computes no logits at all: the student's and teachers' final
+    hidden states meet their LM heads inside ``fused_distillation_loss``, chunk by chunk (see ``HeadTap`` for how
+    the models are split). The loss and its gradients equal the logits path. Batches on which ``KDMonitor`` or
+    ``PerSampleLog`` record statistics, and evaluation, take the logits path (they need the logits).
+
     Args:
         student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
         teacher (PreTrainedModel | Sequence[PreTrainedModel], optional): the frozen causal LM, or several (an
@@ -60,6 +79,10 @@ class DistillationModel(HuggingFaceModel):
         ensemble (str): ``'probs'`` or ``'logits'``, how several teachers combine. Default: ``'probs'``.
         precomputed_teacher (bool): the teacher comes with the batches (``teacher_topk_ids``,
             ``teacher_topk_logprobs``, ``teacher_rest_logprob``); ``teacher`` must be ``None``. Default: ``False``.
+        fused_head (bool | str): training steps apply the LM heads inside the loss, chunk by chunk, so no
+            ``(B, T, V)`` logits or gradient exist. ``'liger'``: the same through Liger-Kernel's fused linear JSD
+            where it computes this objective (see ``composer_kd.losses.liger``), ours otherwise, saying why once.
+            Default: ``False``.
         **divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew divergences).
 
     Example:
@@ -78,8 +101,11 @@ class DistillationModel(HuggingFaceModel):
                  teacher_weights: Optional[Sequence[float]] = None,
                  ensemble: str = 'probs',
                  precomputed_teacher: bool = False,
+                 fused_head: bool | str = False,
                  **divergence_kwargs: float) -> None:
         resolved_kwargs = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
+        if not (isinstance(fused_head, bool) or fused_head == 'liger'):
+            raise ValueError(f'fused_head must be True, False or \'liger\', got {fused_head!r}')
         teachers = [] if teacher is None else [teacher] if isinstance(teacher, torch.nn.Module) else list(teacher)
         if precomputed_teacher and teachers:
             raise ValueError('precomputed_teacher=True takes the teacher from the batches; pass teacher=None')
@@ -99,7 +125,10 @@ class DistillationModel(HuggingFaceModel):
             self.val_metrics['TeacherDivergenceLoss'] = TeacherDivergenceLoss(divergence, temperature, resolved_kwargs)
             self.val_metrics['TeacherTop1Agreement'] = TeacherTop1Agreement()
         # One child for all teachers: Composer makes each direct child its own FSDP root.
-        self.teachers = FrozenTeachers(teachers, teacher_weights, ensemble) if teachers else None
+        self.teachers = FrozenTeachers(teachers, teacher_weights, ensemble, heads=fused_head) if teachers else None
+        self._student_tap = HeadTap(student) if fused_head else None
+        self.fused_head = fused_head
+        self._liger_fallback_said = False
         self.precomputed_teacher = precomputed_teacher
         self.vocab_size = vocab_size
         self.alpha = float(alpha)
@@ -144,8 +173,7 @@ class DistillationModel(HuggingFaceModel):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         inputs = {'input_ids': batch['input_ids'], 'attention_mask': batch.get('attention_mask'), 'use_cache': False}
-        student_logits = self.model(**inputs).logits
-        teacher_logits, teacher_topk = None, None
+        teacher_topk = None
         if self.precomputed_teacher:
             teacher_topk = topk_teacher_from_batch(batch)
             if teacher_topk is None and self.model.training and self.alpha < 1.0:
@@ -153,9 +181,42 @@ class DistillationModel(HuggingFaceModel):
                                  '(teacher_topk_ids, ...): train on a dataset written by precompute-teacher')
         # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
         # Either way the decision is the same on every rank, which FSDP needs.
-        elif self.teachers is not None and (self.alpha < 1.0 or not self.model.training):
-            teacher_logits = self.teachers(inputs, self.vocab_size, self.temperature)
+        run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training)
+        if self._fuses_this_batch():
+            return self._fused_forward(batch, inputs, teacher_topk, run_teachers)
+        student_logits = self.model(**inputs).logits
+        teacher_logits = self.teachers(inputs, self.vocab_size, self.temperature) if run_teachers else None
         return {'logits': student_logits, 'teacher_logits': teacher_logits, 'teacher_topk': teacher_topk}
+
+    def _fuses_this_batch(self) -> bool:
+        """Training batches use the fused head unless a callback records statistics that need the logits."""
+        return (self._student_tap is not None and self.model.training and self.stat_sums is None and
+                self.sample_records is None)
+
+    def _fused_forward(self, batch: Mapping[str, Any], inputs: dict[str, Any], teacher_topk: Optional[TopKTeacher],
+                       run_teachers: bool) -> dict[str, Any]:
+        """The teachers' hidden states and heads first, then the student's forward, whose head call returns the
+        loss terms ``(1, 1, 3)`` (total, ce, kd) in place of logits (see ``HeadTap``)."""
+        assert self._student_tap is not None
+        teacher_heads = self.teachers(inputs, self.vocab_size, self.temperature, heads=True) if run_teachers else []
+        labels = batch_labels(batch)
+        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
+        ensemble = {}
+        if run_teachers:
+            ensemble = {'teacher_weights': self.teachers.weights, 'ensemble': self.teachers.ensemble}
+
+        def loss_terms(student: LinearHead) -> torch.Tensor:
+            if self._liger_qualifies(student, teacher_heads, teacher_topk, labels):
+                losses = liger_distillation_loss(student, teacher_heads[0], labels, vocab_size=self.vocab_size,
+                                                 alpha=self.alpha, **settings)
+            else:
+                losses = fused_distillation_loss(student, labels, teachers=teacher_heads, teacher_topk=teacher_topk,
+                                                 vocab_size=self.vocab_size, alpha=self.alpha, **ensemble, **settings)
+            return torch.stack([losses['total'], losses['ce'], losses['kd']]).view(1, 1, 3)
+
+        with self._student_tap.replace(loss_terms):
+            terms = self._student_tap.check_output(self.model(**inputs).logits)
+        return {'logits': None, 'teacher_logits': None, 'teacher_topk': None, 'loss_terms': terms}
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
@@ -163,6 +224,10 @@ class DistillationModel(HuggingFaceModel):
         The loss takes its gradient during this call, so the teacher's ``(B, T, V)`` logits — the largest
         tensor of the step — are no longer needed, and Composer would otherwise hold them through backward.
         """
+        if outputs.get('loss_terms') is not None:  # the fused head computed them in the forward
+            terms = outputs['loss_terms'].view(3)
+            # Own storage for 'total': Composer scales each microbatch's loss in place.
+            return {'total': terms[0].clone(), 'ce': terms[1].detach(), 'kd': terms[2].detach()}
         settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
         student, labels = self._cut(outputs['logits']), batch_labels(batch)
         topk: Optional[TopKTeacher] = outputs.get('teacher_topk')
@@ -200,12 +265,29 @@ class DistillationModel(HuggingFaceModel):
         assert self.sample_records is not None
         self.sample_records.append({'sample_id': batch['sample_id'].detach().cpu(), **values})
 
+    def _liger_qualifies(self, student: LinearHead, teachers: list[LinearHead], topk: Optional[TopKTeacher],
+                         labels: torch.Tensor) -> bool:
+        """With ``fused_head='liger'``: whether Liger computes this batch's loss; says once why not."""
+        if self.fused_head != 'liger':
+            return False
+        reason = liger_refusal(student, teachers, topk, self.divergence, labels)
+        if reason is not None and not self._liger_fallback_said:
+            log.warning('fused_head=liger: using composer-kd\'s fused loss instead of Liger\'s because of %s', reason)
+            self._liger_fallback_said = True
+        return reason is None
+
     # -- metrics -------------------------------------------------------------------------------------------
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> Any:
         return outputs if outputs is not None else self.forward(batch)
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
         labels = batch_labels(batch)
+        if outputs.get('loss_terms') is not None:  # a fused training step: CE from the loss, no logits
+            if not isinstance(metric, ChunkedCrossEntropyUpdate):
+                raise ValueError(f'{type(metric).__name__} needs logits, which a fused_head training step never has')
+            count = scored_positions(labels).sum()
+            metric.update(TokenSums(outputs['loss_terms'].view(3)[1].detach() * count.clamp(min=1), count), labels)
+            return
         # Targets aligned with the logits: position t is scored against labels[t+1]; the last is unscored.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         student_logits = self._cut(outputs['logits'])

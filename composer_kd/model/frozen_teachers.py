@@ -16,7 +16,9 @@ import torch
 from transformers import PreTrainedModel
 
 from composer_kd.losses.ensemble import ENSEMBLE_MODES, check_ensemble_weights, ensemble_teacher_logits
-from composer_kd.model.fsdp import prepare_for_fsdp
+from composer_kd.losses.fused import LinearHead
+from composer_kd.model.fsdp import is_sharded, prepare_for_fsdp
+from composer_kd.model.head_tap import HeadTap
 
 __all__ = ['FrozenTeachers']
 
@@ -38,10 +40,12 @@ class FrozenTeachers(torch.nn.Module):
         weights (Sequence[float], optional): M positive weights, normalised to sum 1. Default: equal.
         ensemble (str): ``'probs'`` (mixture of tempered distributions) or ``'logits'`` (weighted mean of logits);
             see ``composer_kd.losses.ensemble``. Irrelevant for one teacher. Default: ``'probs'``.
+        heads (bool): also give each teacher's final hidden states and LM head instead of logits
+            (``forward(..., heads=True)``, for ``fused_distillation_loss``). Default: ``False``.
     """
 
     def __init__(self, teachers: Sequence[PreTrainedModel], weights: Optional[Sequence[float]] = None,
-                 ensemble: str = 'probs') -> None:
+                 ensemble: str = 'probs', heads: bool = False) -> None:
         if ensemble not in ENSEMBLE_MODES:
             raise ValueError(f'ensemble must be one of {list(ENSEMBLE_MODES)}, got {ensemble!r}')
         super().__init__()
@@ -56,6 +60,7 @@ class FrozenTeachers(torch.nn.Module):
         block_names = frozenset(name for t in teachers for name in (getattr(t, '_no_split_modules', None) or ()))
         self.fsdp_wrap_fn = functools.partial(_wraps, tuple(teachers), block_names)
         self.activation_checkpointing_fn = _never
+        self._taps = [HeadTap(t) for t in teachers] if heads else None
 
     def train(self, mode: bool = True) -> 'FrozenTeachers':
         del mode
@@ -75,11 +80,20 @@ class FrozenTeachers(torch.nn.Module):
             yield teacher(**inputs).logits[..., :vocab_size]
 
     @torch.no_grad()
-    def forward(self, inputs: dict[str, Any], vocab_size: int, temperature: float) -> torch.Tensor:
+    def forward(self, inputs: dict[str, Any], vocab_size: int, temperature: float,
+                heads: bool = False) -> torch.Tensor | list[LinearHead]:
         """The teacher logits ``(B, T, V)`` of a batch: the teacher's own for one teacher (in its dtype), else the
         ensemble's (float32) at ``temperature``. Every teacher runs, on every rank (FSDP needs it).
 
+        With ``heads=True`` (built with ``heads=True``) each teacher's final hidden states ``(B, T, H)`` and LM head
+        instead, one ``LinearHead`` per teacher: no logits are computed.
+
         Called as ``teachers(inputs, ...)``, so an FSDP-wrapped container runs its root forward first."""
+        if heads:
+            if self._taps is None:
+                raise ValueError('FrozenTeachers(heads=False) gives logits only')
+            copy = is_sharded(self)
+            return [tap.capture(lambda t=teacher: t(**inputs), copy) for tap, teacher in zip(self._taps, self.members)]
         if len(self) == 1:
             return self.members[0](**inputs).logits[..., :vocab_size]
         return ensemble_teacher_logits(self._each(inputs, vocab_size), self.weights, self.ensemble, temperature)

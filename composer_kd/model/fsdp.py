@@ -11,7 +11,7 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ['prepare_for_fsdp']
+__all__ = ['is_sharded', 'prepare_for_fsdp']
 
 
 def _is_block(block_names: frozenset[str], module: torch.nn.Module) -> bool:
@@ -34,3 +34,9 @@ def prepare_for_fsdp(model: PreTrainedModel, *, frozen: bool) -> None:
     is_block = functools.partial(_is_block, block_names)
     model.fsdp_wrap_fn = is_block
     model.activation_checkpointing_fn = _never if frozen else is_block
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) wraps ``module`` or any module in it (then gathered weights live only inside calls)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())

@@ -10,7 +10,7 @@ contains "loss", so ``TeacherDivergenceLoss`` is minimised and ``TeacherTop1Agre
 ``comp`` argument.
 """
 
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
@@ -18,7 +18,10 @@ from torchmetrics import Metric
 
 from composer_kd.losses import TopKTeacher, distillation_loss, topk_distillation_loss
 
-__all__ = ['ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss', 'TeacherTop1Agreement']
+__all__ = [
+    'ChunkedCrossEntropyUpdate', 'ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss',
+    'TeacherTop1Agreement', 'TokenSums'
+]
 
 
 Teacher = Union[torch.Tensor, TopKTeacher]  # dense logits (B, T, V), or a precomputed top-k teacher
@@ -39,22 +42,33 @@ def _token_sums(student_logits: torch.Tensor, teacher: Optional[Teacher], target
     return out['ce'] * count, out['kd'] * count, count
 
 
-class _ChunkedCrossEntropyUpdate:
+class TokenSums(NamedTuple):
+    """A batch's cross-entropy summed over its scored tokens, and their count (both scalar tensors)."""
+    ce_sum: torch.Tensor
+    count: torch.Tensor
+
+
+class ChunkedCrossEntropyUpdate:
     """``update(logits (B, T, V), targets (B, T))`` for Composer's language metrics, on the chunked path."""
 
     ignore_index: int
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        ce_sum, _, count = _token_sums(output, None, target, self.ignore_index, alpha=1.0)
+    def update(self, output: Union[torch.Tensor, 'TokenSums'], target: torch.Tensor) -> None:
+        """``output``: logits ``(B, T, V)``, or the ``TokenSums`` a fused-head loss gives instead (then ``target`` is
+        not used)."""
+        if isinstance(output, TokenSums):
+            ce_sum, count = output
+        else:
+            ce_sum, _, count = _token_sums(output, None, target, self.ignore_index, alpha=1.0)
         self.sum_loss += ce_sum.to(self.sum_loss.dtype)  # type: ignore[attr-defined]
         self.total_items += count  # type: ignore[attr-defined]
 
 
-class ChunkedLanguageCrossEntropy(_ChunkedCrossEntropyUpdate, LanguageCrossEntropy):
+class ChunkedLanguageCrossEntropy(ChunkedCrossEntropyUpdate, LanguageCrossEntropy):
     """Composer's ``LanguageCrossEntropy`` (mean token CE), updated without a full-vocabulary copy."""
 
 
-class ChunkedLanguagePerplexity(_ChunkedCrossEntropyUpdate, LanguagePerplexity):
+class ChunkedLanguagePerplexity(ChunkedCrossEntropyUpdate, LanguagePerplexity):
     """Composer's ``LanguagePerplexity`` (exp of the mean token CE), updated without a full-vocabulary copy."""
 
 

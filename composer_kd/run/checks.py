@@ -177,6 +177,9 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     distillation = dict(cfg['model'].get('distillation') or {})
     distillation.pop('ensemble', None)
     check_ensemble(cfg['model'])
+    fused_head = distillation.pop('fused_head', False)
+    if not (isinstance(fused_head, bool) or fused_head == 'liger'):
+        raise ConfigError(f'model.distillation.fused_head must be true, false or liger, got {fused_head!r}')
     alpha = distillation.pop('alpha', 0.5 if has_teacher(cfg['model']) else 1.0)
     try:
         check_distillation_args(alpha, distillation.pop('temperature', 1.0),

@@ -42,7 +42,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     'model.student': HF_MODEL_KEYS,
     'model.teacher': HF_MODEL_KEYS | {'precomputed'},
     'model.teachers.N': HF_MODEL_KEYS | {'weight'},
-    'model.distillation': frozenset({'alpha', 'temperature', 'divergence', 'beta', 'lam', 'ensemble'}),
+    'model.distillation': frozenset({'alpha', 'temperature', 'divergence', 'beta', 'lam', 'ensemble', 'fused_head'}),
     'tokenizer': frozenset({'name', 'kwargs'}),
     'train_loader': frozenset({
         'name', 'dataset', 'drop_last', 'num_workers', 'pin_memory', 'prefetch_factor', 'persistent_workers', 'timeout'

@@ -1,0 +1,226 @@
+"""The hybrid distillation loss from final hidden states and LM heads: no full-vocabulary tensor at all.
+
+Shapes: B batch, T sequence length, H a model's hidden size, V the shared vocabulary (the ids both models
+score), V' a head's output rows (≥ V: padded rows are cut), N scored tokens, C rows per chunk.
+
+The logits path materialises the student's and the teacher's ``(B, T, V)`` logits and the ``(B, T, V)``
+gradient: at V = 128,256 and 16k tokens per device that is 3 × 4 GiB in bf16. Here the heads are applied one
+chunk of C scored rows at a time — student logits ``(C, V)``, teacher logits ``(C, V)`` — the chunk's loss
+and its gradient w.r.t. the logits come from the same rows functions as the logits path (``dense.py``,
+``topk.py``), and that gradient is pushed through the head at once: ``dL/dh = g·W`` into ``(N, H)`` and
+``dL/dW += gᵀ·h`` into ``(V', H)``. The largest tensors left are the head's weight gradient (which the
+optimizer needs anyway) and one chunk.
+
+As in ``chunked.py`` the gradient is computed in the forward pass and handed over by a single backward.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from composer_kd.losses.arguments import (
+    check_distillation_args,
+    scored_positions,
+    shifted_targets,
+)
+from composer_kd.losses.chunked import RowsFn
+from composer_kd.losses.dense import dense_rows_fn
+from composer_kd.losses.ensemble import check_ensemble_weights, ensemble_teacher_logits
+from composer_kd.losses.topk import TopKTeacher, check_topk_teacher, topk_rows
+
+__all__ = ['LinearHead', 'default_fused_chunk_elements', 'fused_distillation_loss']
+
+# (index of C rows (C,)) -> the teacher's tensors for those rows, as the rows function takes them
+TeacherRows = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+class LinearHead(NamedTuple):
+    """A model's final hidden states and its LM head: ``logits = hidden @ weight.T + bias``.
+
+    Attributes:
+        hidden (Tensor): ``(B, T, H)`` the final hidden states (after the final norm).
+        weight (Tensor): ``(V', H)`` the head's weight (the input embeddings when tied).
+        bias (Tensor, optional): ``(V',)``.
+    """
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+
+def default_fused_chunk_elements(device: torch.device) -> int:
+    """Rows × V per chunk. Each chunk streams the head's weight through three matmuls, so chunks must have
+    enough rows to keep those compute-bound: 32 MiB of float32 logits on CPU (64 rows at V = 128k; measured
+    by ``benchmarks/loss_peers.py``), 512 MiB on CUDA (1,024 rows)."""
+    return 1 << 27 if device.type == 'cuda' else 1 << 23
+
+
+def _logits(head: LinearHead, vocab: int, rows: torch.Tensor) -> torch.Tensor:
+    bias = None if head.bias is None else head.bias[:vocab]
+    return F.linear(head.hidden.reshape(-1, head.hidden.shape[-1])[rows], head.weight[:vocab], bias)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Returns ``(total, ce, kd)`` sums over the scored rows divided by ``n``; only ``total`` has a gradient (to
+    the student's hidden states, head weight and bias)."""
+
+    @staticmethod
+    def forward(ctx: Any, grad_enabled: bool, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                teacher_rows: TeacherRows, rows_fn: RowsFn, rows: torch.Tensor, targets: torch.Tensor, n: torch.Tensor,
+                alpha: float, temperature: float, vocab: int, dtype: torch.dtype,
+                chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])
+        w = weight.detach()[:vocab]
+        b = None if bias is None else bias.detach()[:vocab]
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[1], grad_enabled and ctx.needs_input_grad[2]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[3]
+        needs_grad = need_h or need_w or need_b
+        # The weight's gradient is summed over chunks in float32 at least (a bf16 sum of 100 chunks loses digits).
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_h = torch.zeros_like(flat) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        sums = torch.zeros(3, dtype=dtype, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_rows):
+            index = rows[start:start + chunk_rows]
+            h = flat[index]  # (C, H)
+            student = F.linear(h, w, b).to(dtype)  # (C, V)
+            ce, kd, g = rows_fn(student, teacher_rows(index), targets[index], needs_grad)
+            ce_sum, kd_sum = ce.sum(), kd.sum()
+            sums += torch.stack([alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum, ce_sum, kd_sum])
+            if not needs_grad:
+                continue
+            g = g.div_(n)  # (C, V), d total / d logits of these rows
+            if grad_h is not None:
+                grad_h.index_copy_(0, index, (g.to(w.dtype) @ w).to(grad_h.dtype))
+            if grad_w is not None:
+                grad_w[:vocab].addmm_(g.t().to(acc), h.to(acc))
+            if grad_b is not None:
+                grad_b[:vocab] += g.sum(dim=0).to(acc)
+        ctx.grads = (grad_h, grad_w, grad_b) if needs_grad else None
+        ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
+        total, ce, kd = (t.clone() for t in (sums / n).unbind())
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Optional[torch.Tensor], ...]:
+        if ctx.grads is None:
+            raise RuntimeError('the distillation loss computes its gradient once; call backward on it only once')
+        (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None
+        hidden_shape, weight_dtype, bias_dtype = ctx.shapes
+        scale = grad_total.to(torch.float32)
+        grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype)).view(hidden_shape)
+        grad_w = None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype)).to(weight_dtype)
+        grad_b = None if grad_b is None else grad_b.mul_(scale.to(grad_b.dtype)).to(bias_dtype)
+        return (None, grad_h, grad_w, grad_b) + (None,) * 10
+
+
+def _check_head(name: str, head: LinearHead, batch: tuple[int, int], vocab: int) -> None:
+    hidden, weight, bias = head
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != batch:
+        raise ValueError(f'{name} hidden states must be (B, T, H) = ({batch[0]}, {batch[1]}, H), got shape '
+                         f'{tuple(hidden.shape)}')
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.shape[0] < vocab:
+        raise ValueError(f'{name} head weight must be (V\', H) = (>= {vocab}, {hidden.shape[2]}), got shape '
+                         f'{tuple(weight.shape)}')
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f'{name} head bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}')
+
+
+def fused_distillation_loss(
+    student: LinearHead,
+    labels: torch.Tensor,
+    *,
+    teachers: Sequence[LinearHead] = (),
+    teacher_topk: Optional[TopKTeacher] = None,
+    teacher_weights: Optional[Sequence[float]] = None,
+    ensemble: str = 'probs',
+    vocab_size: Optional[int] = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = 'forward_kl',
+    ignore_index: int = -100,
+    shift_labels: bool = True,
+    chunk_elements: Optional[int] = None,
+    **divergence_kwargs: float,
+) -> dict[str, torch.Tensor]:
+    """``distillation_loss`` (or ``topk_distillation_loss``) from hidden states and heads, chunk by chunk.
+
+    Equal to computing ``logits = hidden @ weight[:V].T (+ bias)`` for the student and every teacher and
+    calling the logits loss (the ensemble through ``ensemble_teacher_logits``), in value and in the gradient of
+    ``total`` w.r.t. the student's hidden states, head weight and bias; but no ``(N, V)`` tensor outlives a
+    chunk.
+
+    Args:
+        student (LinearHead): hidden ``(B, T, H)`` and head; receives the gradient.
+        labels (Tensor): ``(B, T)`` targets in the Hugging Face convention.
+        teachers (Sequence[LinearHead]): the teachers' hidden states ``(B, T, H')`` and heads (constants); several
+            form an ensemble. Empty for a top-K teacher or none (then ``alpha`` must be 1).
+        teacher_topk (TopKTeacher, optional): a precomputed sparse teacher instead of ``teachers``.
+        teacher_weights (Sequence[float], optional), ensemble (str): how several teachers combine (see
+            ``ensemble_teacher_logits``). Default: equal weights, ``'probs'``.
+        vocab_size (int, optional): V, the leading logits scored (rows past it are padding). Default: the
+            student head's rows.
+        alpha, temperature, divergence, ignore_index, shift_labels, **divergence_kwargs: as in
+            ``distillation_loss``.
+        chunk_elements (int, optional): rows × V per chunk. Default: ``default_fused_chunk_elements(device)``.
+
+    Returns:
+        dict[str, Tensor]: scalars ``total``, ``ce``, ``kd`` as ``distillation_loss`` returns them.
+
+    Raises:
+        ValueError: for an invalid hyperparameter, mismatched shapes, or both kinds of teacher.
+    """
+    params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
+    hidden, weight = student.hidden, student.weight
+    vocab = int(weight.shape[0]) if vocab_size is None else int(vocab_size)
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f'student hidden states must be (B, T, H) and labels (B, T), got shapes '
+                         f'{tuple(hidden.shape)} and {tuple(labels.shape)}')
+    B, T = labels.shape
+    for name, head in [('student', student), *((f'teacher {i}', t) for i, t in enumerate(teachers))]:
+        _check_head(name, head, (B, T), vocab)
+    if teachers and teacher_topk is not None:
+        raise ValueError('pass teachers (hidden states and heads) or teacher_topk, not both')
+    if not teachers and teacher_topk is None and alpha != 1.0:
+        raise ValueError(f'without a teacher the loss needs alpha == 1, got alpha={alpha!r}')
+    weights = check_ensemble_weights(teacher_weights, len(teachers)) if teachers else []
+
+    mask = scored_positions(labels, ignore_index, shift_labels)
+    targets = shifted_targets(labels, mask, shift_labels).flatten()
+    rows = mask.flatten().nonzero().squeeze(1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    teacher_rows: TeacherRows
+    if teacher_topk is not None:
+        check_topk_teacher(teacher_topk.ids, teacher_topk.logprobs, teacher_topk.rest_logprob, B, T, vocab)
+        K = teacher_topk.ids.shape[2]
+        rest = None if teacher_topk.rest_logprob is None else teacher_topk.rest_logprob.reshape(-1)
+        topk, rows_fn = topk_rows(teacher_topk.ids.reshape(-1, K), teacher_topk.logprobs.reshape(-1, K), rest, vocab,
+                                  alpha, temperature, divergence, params, dtype)
+        teacher_rows = lambda index: tuple(t[index] for t in topk)  # noqa: E731
+    else:
+        rows_fn = dense_rows_fn(alpha, temperature, divergence, params, with_teacher=bool(teachers))
+        teacher_rows = _dense_teacher_rows(list(teachers), weights, ensemble, temperature, vocab)
+    elements = chunk_elements or default_fused_chunk_elements(hidden.device)
+    chunk_rows = max(1, elements // max(vocab, 1))
+    total, ce, kd = _FusedHeadLoss.apply(torch.is_grad_enabled(), hidden, weight, student.bias, teacher_rows, rows_fn,
+                                         rows, targets, mask.sum().clamp(min=1), float(alpha), float(temperature),
+                                         vocab, dtype, chunk_rows)
+    return {'total': total, 'ce': ce, 'kd': kd}
+
+
+def _dense_teacher_rows(teachers: list[LinearHead], weights: list[float], ensemble: str, temperature: float,
+                        vocab: int) -> TeacherRows:
+    """The teacher logits of a chunk of rows: one teacher's own, or the ensemble's; ``()`` without a teacher."""
+
+    def rows(index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not teachers:
+            return ()
+        with torch.no_grad():
+            if len(teachers) == 1:
+                return (_logits(teachers[0], vocab, index),)
+            each = (_logits(t, vocab, index) for t in teachers)
+            return (ensemble_teacher_logits(each, weights, ensemble, temperature),)
+
+    return rows
