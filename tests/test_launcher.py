@@ -176,6 +176,10 @@ def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_
     assert len(one) == 12 and one[11] < one[0] - 0.3  # it learns
     _assert_same_trajectory(two, one, ACROSS_LAYOUTS)
     assert len(two) == 12
+    # The fused LM-head loss against the top-k teacher, on 2 processes, follows the logits path.
+    fused = _launch(tmp_path, 2, config, 'save_folder=null', 'model.distillation.fused_head=true')
+    _assert_same_trajectory(fused, two, SAME_LAYOUT)
+    assert len(fused) == 12
 
 
 def test_ensemble_recipe_sharded_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
