@@ -275,3 +275,17 @@ def test_liger_option_falls_back_to_ours_and_says_why(caplog: pytest.LogCaptureF
             in caplog.text)
     with pytest.raises(ValueError, match="fused_head must be True, False or 'liger', got 'yes'"):
         DistillationModel(tiny_gpt2(V), None, alpha=1.0, fused_head='yes')
+
+
+def test_bfloat16_heads_match_the_logits_path_to_bf16_precision() -> None:
+    # The GPU dtype, run on CPU: the weight gradient is summed over chunks in float32, so it is no worse than the
+    # logits path's single bf16 matmul.
+    student, labels = _head(H, V, 1, grad=True, dtype=torch.bfloat16), _labels()
+    teacher = _head(H, V, 2, dtype=torch.bfloat16)
+    got = fused_distillation_loss(student, labels, teachers=[teacher], alpha=0.5, temperature=2.0, chunk_elements=4 * V)
+    want = distillation_loss(_logits(student), _logits(teacher), labels, alpha=0.5, temperature=2.0)
+    assert student.weight.dtype == torch.bfloat16 and got['total'].dtype == torch.float32
+    for a, b in zip(_grads(got['total'], student), _grads(want['total'], student)):
+        assert a.dtype == torch.bfloat16
+        assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max())
+    assert abs(float(got['total'] - want['total'])) <= 1e-3 * abs(float(want['total']))

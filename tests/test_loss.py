@@ -192,6 +192,19 @@ def test_bf16_logits_are_computed_in_float32() -> None:
     assert out['total'].item() == pytest.approx(want['total'], rel=2e-5)
 
 
+def test_bf16_gradient_of_a_mostly_padded_batch() -> None:
+    # Under 75% scored positions the loss gathers the scored rows; their float32 gradient goes back into the
+    # bf16 gradient buffer (this crashed with "Index put requires the source and destination dtypes match").
+    student, teacher, labels = _batch()
+    labels[:, labels.shape[1] // 3:] = -100
+    student16 = student.bfloat16().requires_grad_(True)
+    distillation_loss(student16, teacher.bfloat16(), labels, alpha=0.5)['total'].backward()
+    want = student.bfloat16().float().requires_grad_(True)
+    distillation_loss(want, teacher.bfloat16().float(), labels, alpha=0.5)['total'].backward()
+    assert student16.grad.dtype == torch.bfloat16
+    assert torch.allclose(student16.grad.float(), want.grad, rtol=1e-2, atol=1e-2 * float(want.grad.abs().max()))
+
+
 @pytest.mark.parametrize('kwargs,match', [
     ({'alpha': 1.5}, 'alpha .* got 1.5'),
     ({'alpha': -0.1}, 'alpha .* got -0.1'),

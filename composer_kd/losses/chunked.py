@@ -94,7 +94,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if needs_grad:
                 if valid is not None:
                     chunk_grad.masked_fill_(~valid[:, None], 0.0)
-                grad[index] = chunk_grad.div_(n)
+                grad[index] = chunk_grad.div_(n).to(grad.dtype)  # index_put does not cast (bf16 logits)
         ctx.grad, ctx.student_shape = grad, student_logits.shape
         total, ce, kd = (t.clone() for t in (sums / n).unbind())  # own storage, not views: callers scale in place
         ctx.mark_non_differentiable(ce, kd)

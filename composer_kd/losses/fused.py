@@ -91,10 +91,13 @@ class _FusedHeadLoss(torch.autograd.Function):
             if not needs_grad:
                 continue
             g = g.div_(n)  # (C, V), d total / d logits of these rows
+            g_low = g.to(w.dtype)  # the head's dtype, as the logits path's backward has it
             if grad_h is not None:
-                grad_h.index_copy_(0, index, (g.to(w.dtype) @ w).to(grad_h.dtype))
-            if grad_w is not None:
-                grad_w[:vocab].addmm_(g.t().to(acc), h.to(acc))
+                grad_h.index_copy_(0, index, (g_low @ w).to(grad_h.dtype))
+            if grad_w is not None and acc == w.dtype:
+                grad_w[:vocab].addmm_(g.t(), h)
+            elif grad_w is not None:  # bf16/fp16 head: the fast low-precision matmul, summed in float32
+                grad_w[:vocab] += g_low.t() @ h.to(w.dtype)
             if grad_b is not None:
                 grad_b[:vocab] += g.sum(dim=0).to(acc)
         ctx.grads = (grad_h, grad_w, grad_b) if needs_grad else None
