@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ['RowsFn', 'autograd_rows', 'chunked_loss_sums', 'default_chunk_elements']
+__all__ = ['LossSums', 'RowsFn', 'autograd_rows', 'chunked_loss_sums', 'default_chunk_elements']
 
 _DENSE_FRACTION = 0.75  # walk contiguous ranges when at least this share of positions is scored
 
@@ -61,6 +61,26 @@ def autograd_rows(values: Callable[[torch.Tensor, tuple[torch.Tensor, ...], torc
     return rows
 
 
+class LossSums:
+    """The running ``(total, ce, kd)`` sums of a chunked loss, and their scalars divided by ``n`` at the end."""
+
+    def __init__(self, alpha: float, temperature: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.alpha, self.kd_weight = alpha, (1.0 - alpha) * temperature**2
+        self.sums = torch.zeros(3, dtype=dtype, device=device)
+
+    def add(self, ce: torch.Tensor, kd: torch.Tensor) -> None:
+        """Adds one chunk's per-row CE and divergence ``(C,)``."""
+        ce_sum, kd_sum = ce.sum(), kd.sum()
+        self.sums += torch.stack([self.alpha * ce_sum + self.kd_weight * kd_sum, ce_sum, kd_sum])
+
+    def finish(self, ctx: Any, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(total, ce, kd)`` divided by ``n``, each with its own storage (callers scale in place); only ``total``
+        is differentiable."""
+        total, ce, kd = (t.clone() for t in (self.sums / n).unbind())
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Returns ``(total, ce, kd)`` sums over scored rows divided by ``n``; only ``total`` has a gradient."""
 
@@ -80,7 +100,7 @@ class _ChunkedLoss(torch.autograd.Function):
             grad = torch.empty_like(flat_student)
             if not dense:
                 grad.index_fill_(0, (~scored).nonzero().squeeze(1), 0.0)
-        sums = torch.zeros(3, dtype=dtype, device=student_logits.device)
+        sums = LossSums(alpha, temperature, dtype, student_logits.device)
         for start in range(0, positions if dense else rows.numel(), chunk_rows):
             # A range of positions (a view; padding rows masked by `valid`), or a gather of scored rows.
             index = slice(start, start + chunk_rows) if dense else rows[start:start + chunk_rows]
@@ -89,16 +109,13 @@ class _ChunkedLoss(torch.autograd.Function):
             ce, kd, chunk_grad = rows_fn(student, tuple(t[index] for t in teacher), targets[index], needs_grad)
             if valid is not None:  # padding rows inside a dense range count for nothing
                 ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
-            ce_sum, kd_sum = ce.sum(), kd.sum()
-            sums += torch.stack([alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum, ce_sum, kd_sum])
+            sums.add(ce, kd)
             if needs_grad:
                 if valid is not None:
                     chunk_grad.masked_fill_(~valid[:, None], 0.0)
                 grad[index] = chunk_grad.div_(n).to(grad.dtype)  # index_put does not cast (bf16 logits)
         ctx.grad, ctx.student_shape = grad, student_logits.shape
-        total, ce, kd = (t.clone() for t in (sums / n).unbind())  # own storage, not views: callers scale in place
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
+        return sums.finish(ctx, n)
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Optional[torch.Tensor], ...]:

@@ -24,7 +24,7 @@ from composer_kd.losses.arguments import (
     scored_positions,
     shifted_targets,
 )
-from composer_kd.losses.chunked import RowsFn
+from composer_kd.losses.chunked import LossSums, RowsFn
 from composer_kd.losses.dense import dense_rows_fn
 from composer_kd.losses.ensemble import check_ensemble_weights, ensemble_teacher_logits
 from composer_kd.losses.topk import TopKTeacher, check_topk_teacher, topk_rows
@@ -80,14 +80,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(flat) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        sums = torch.zeros(3, dtype=dtype, device=hidden.device)
+        sums = LossSums(alpha, temperature, dtype, hidden.device)
         for start in range(0, rows.numel(), chunk_rows):
             index = rows[start:start + chunk_rows]
             h = flat[index]  # (C, H)
             student = F.linear(h, w, b).to(dtype)  # (C, V)
             ce, kd, g = rows_fn(student, teacher_rows(index), targets[index], needs_grad)
-            ce_sum, kd_sum = ce.sum(), kd.sum()
-            sums += torch.stack([alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum, ce_sum, kd_sum])
+            sums.add(ce, kd)
             if not needs_grad:
                 continue
             g = g.div_(n)  # (C, V), d total / d logits of these rows
@@ -102,9 +101,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 grad_b[:vocab] += g.sum(dim=0).to(acc)
         ctx.grads = (grad_h, grad_w, grad_b) if needs_grad else None
         ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
-        total, ce, kd = (t.clone() for t in (sums / n).unbind())
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
+        return sums.finish(ctx, n)
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Optional[torch.Tensor], ...]:
