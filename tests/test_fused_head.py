@@ -214,14 +214,11 @@ def test_model_fused_step_equals_the_logits_step(student_kind: str, teacher_kind
         assert torch.allclose(got[name], want[name], rtol=1e-9, atol=1e-12), name
 
 
-def test_model_logits_path_for_monitored_batches_and_eval() -> None:
+def test_model_logits_path_for_monitored_batches() -> None:
     model = DistillationModel(tiny_gpt2(V, seed=1), tiny_gpt2(V, seed=2), fused_head=True).train()
     assert model(_batch())['logits'] is None
     model.stat_sums = {}  # KDMonitor records this batch: its statistics need the logits
-    assert model(_batch())['logits'] is not None
-    model.stat_sums = None
-    model.eval()
-    outputs = model.eval_forward(_batch())
+    outputs = model(_batch())
     assert outputs['logits'].shape[-1] == V and outputs['teacher_logits'] is not None
 
 
@@ -289,3 +286,41 @@ def test_bfloat16_heads_match_the_logits_path_to_bf16_precision() -> None:
         assert a.dtype == torch.bfloat16
         assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max())
     assert abs(float(got['total'] - want['total'])) <= 1e-3 * abs(float(want['total']))
+
+
+def _eval_metrics(fused: bool, teacher_kinds: list[str], **kwargs) -> dict[str, float]:
+    student = MODELS['llama'](V_STUDENT, 16, 1)
+    teachers = [MODELS[kind](V_TEACHER, 24, 2 + i) for i, kind in enumerate(teacher_kinds)]
+    model = DistillationModel(student, teachers or None, _tokenizer(V), fused_head=fused, **kwargs).eval()
+    metrics = model.get_metrics(is_train=False)
+    with torch.no_grad():
+        for seed in range(2):
+            batch = _batch()
+            batch['input_ids'] = torch.roll(batch['input_ids'], seed, dims=1)
+            outputs = model.eval_forward(batch)
+            assert (outputs['logits'] is None) == fused
+            for metric in metrics.values():
+                model.update_metric(batch, outputs, metric)
+    return {name: float(metric.compute()) for name, metric in metrics.items()}
+
+
+@pytest.mark.parametrize('teacher_kinds,kwargs', [
+    (['qwen2'], {'alpha': 0.5, 'temperature': 2.0, 'divergence': 'jsd'}),
+    (['gpt2-tied', 'llama'], {'alpha': 0.2, 'ensemble': 'logits'}),
+    ([], {'alpha': 1.0}),
+])
+def test_fused_eval_metrics_equal_the_logits_metrics(teacher_kinds: list[str], kwargs: dict) -> None:
+    got, want = _eval_metrics(True, teacher_kinds, **kwargs), _eval_metrics(False, teacher_kinds, **kwargs)
+    assert set(got) == set(want) and len(want) == (4 if teacher_kinds else 2)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+
+
+def test_fused_top1_agreement_counts_agreeing_tokens() -> None:
+    from composer_kd.losses.fused_stats import fused_token_sums
+    student, labels = _head(H, V, 1), _labels()
+    teacher = LinearHead(student.hidden, student.weight * 2.0)  # the same argmax everywhere
+    sums = fused_token_sums(student, labels, teachers=[teacher], chunk_elements=4 * V)
+    assert int(sums['tokens']) == int((labels[:, 1:] != -100).sum()) and float(sums['top1']) == int(sums['tokens'])
+    other = LinearHead(student.hidden, -student.weight)  # the argmax becomes the argmin: never the same
+    assert float(fused_token_sums(student, labels, teachers=[other])['top1']) == 0.0

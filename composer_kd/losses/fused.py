@@ -29,7 +29,7 @@ from composer_kd.losses.dense import dense_rows_fn
 from composer_kd.losses.ensemble import check_ensemble_weights, ensemble_teacher_logits
 from composer_kd.losses.topk import TopKTeacher, check_topk_teacher, topk_rows
 
-__all__ = ['LinearHead', 'default_fused_chunk_elements', 'fused_distillation_loss']
+__all__ = ['FusedPlan', 'LinearHead', 'default_fused_chunk_elements', 'fused_distillation_loss', 'plan_fused_loss']
 
 # (index of C rows (C,)) -> the teacher's tensors for those rows, as the rows function takes them
 TeacherRows = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -172,6 +172,37 @@ def fused_distillation_loss(
     Raises:
         ValueError: for an invalid hyperparameter, mismatched shapes, or both kinds of teacher.
     """
+    plan = plan_fused_loss(student, labels, teachers, teacher_topk, teacher_weights, ensemble, vocab_size, alpha,
+                           temperature, divergence, ignore_index, shift_labels, chunk_elements, divergence_kwargs)
+    total, ce, kd = _FusedHeadLoss.apply(torch.is_grad_enabled(), student.hidden, student.weight, student.bias,
+                                         plan.teacher_rows, plan.rows_fn, plan.rows, plan.targets, plan.n,
+                                         float(alpha), float(temperature), plan.vocab, plan.dtype, plan.chunk_rows)
+    return {'total': total, 'ce': ce, 'kd': kd}
+
+
+class FusedPlan(NamedTuple):
+    """What a chunked pass over the scored rows needs (``plan_fused_loss``)."""
+    rows: torch.Tensor  # (N,) the scored positions of the flattened (B·T) rows
+    targets: torch.Tensor  # (B·T,) target ids, 0 where unscored
+    n: torch.Tensor  # the normaliser: N, at least 1
+    teacher_rows: TeacherRows  # a chunk's teacher tensors, as rows_fn takes them
+    rows_fn: RowsFn
+    vocab: int  # V
+    dtype: torch.dtype  # the compute dtype
+    chunk_rows: int  # C
+    teacher: str  # 'none', 'dense' (logits as teacher_rows[0]) or 'topk' (ids as teacher_rows[0], most likely first)
+
+
+def plan_fused_loss(student: LinearHead, labels: torch.Tensor, teachers: Sequence[LinearHead],
+                    teacher_topk: Optional[TopKTeacher], teacher_weights: Optional[Sequence[float]], ensemble: str,
+                    vocab_size: Optional[int], alpha: float, temperature: float, divergence: str, ignore_index: int,
+                    shift_labels: bool, chunk_elements: Optional[int],
+                    divergence_kwargs: dict[str, float]) -> FusedPlan:
+    """Checks the arguments of ``fused_distillation_loss`` and prepares its pass (the arguments mean the same).
+
+    Raises:
+        ValueError: for an invalid hyperparameter, mismatched shapes, or both kinds of teacher.
+    """
     params = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
     hidden, weight = student.hidden, student.weight
     vocab = int(weight.shape[0]) if vocab_size is None else int(vocab_size)
@@ -203,11 +234,9 @@ def fused_distillation_loss(
         rows_fn = dense_rows_fn(alpha, temperature, divergence, params, with_teacher=bool(teachers))
         teacher_rows = _dense_teacher_rows(list(teachers), weights, ensemble, temperature, vocab)
     elements = chunk_elements or default_fused_chunk_elements(hidden.device)
-    chunk_rows = max(1, elements // max(vocab, 1))
-    total, ce, kd = _FusedHeadLoss.apply(torch.is_grad_enabled(), hidden, weight, student.bias, teacher_rows, rows_fn,
-                                         rows, targets, mask.sum().clamp(min=1), float(alpha), float(temperature),
-                                         vocab, dtype, chunk_rows)
-    return {'total': total, 'ce': ce, 'kd': kd}
+    kind = 'topk' if teacher_topk is not None else 'dense' if teachers else 'none'
+    return FusedPlan(rows, targets, mask.sum().clamp(min=1), teacher_rows, rows_fn, vocab, dtype,
+                     max(1, elements // max(vocab, 1)), kind)
 
 
 def _dense_teacher_rows(teachers: list[LinearHead], weights: list[float], ensemble: str, temperature: float,

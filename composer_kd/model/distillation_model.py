@@ -18,6 +18,7 @@ from composer_kd.losses import (
     topk_distillation_loss,
 )
 from composer_kd.losses.fused import LinearHead, fused_distillation_loss
+from composer_kd.losses.fused_stats import fused_token_sums
 from composer_kd.losses.liger import liger_distillation_loss, liger_refusal
 from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses
 from composer_kd.model.frozen_teachers import FrozenTeachers
@@ -64,7 +65,8 @@ class DistillationModel(HuggingFaceModel):
     With ``fused_head=True`` a training step computes no logits at all: the student's and teachers' final
     hidden states meet their LM heads inside ``fused_distillation_loss``, chunk by chunk (see ``HeadTap`` for how
     the models are split). The loss and its gradients equal the logits path. Batches on which ``KDMonitor`` or
-    ``PerSampleLog`` record statistics, and evaluation, take the logits path (they need the logits).
+    ``PerSampleLog`` record statistics take the logits path (they need the logits); evaluation computes its
+    metrics' token sums from the heads too (``fused_token_sums``).
 
     Args:
         student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
@@ -184,6 +186,8 @@ class DistillationModel(HuggingFaceModel):
         run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training)
         if self._fuses_this_batch():
             return self._fused_forward(batch, inputs, teacher_topk, run_teachers)
+        if self._student_tap is not None and not self.model.training:
+            return self._fused_eval_forward(batch, inputs, teacher_topk, run_teachers)
         student_logits = self.model(**inputs).logits
         teacher_logits = self.teachers(inputs, self.vocab_size, self.temperature) if run_teachers else None
         return {'logits': student_logits, 'teacher_logits': teacher_logits, 'teacher_topk': teacher_topk}
@@ -217,6 +221,28 @@ class DistillationModel(HuggingFaceModel):
         with self._student_tap.replace(loss_terms):
             terms = self._student_tap.check_output(self.model(**inputs).logits)
         return {'logits': None, 'teacher_logits': None, 'teacher_topk': None, 'loss_terms': terms}
+
+    def _fused_eval_forward(self, batch: Mapping[str, Any], inputs: dict[str, Any],
+                            teacher_topk: Optional[TopKTeacher], run_teachers: bool) -> dict[str, Any]:
+        """Evaluation with the fused head: the metrics' token sums ``(1, 1, 4)`` (CE, divergence, top-1 agreement,
+        tokens) from the heads, chunk by chunk, in place of logits."""
+        assert self._student_tap is not None
+        teacher_heads = self.teachers(inputs, self.vocab_size, self.temperature, heads=True) if run_teachers else []
+        labels = batch_labels(batch)
+        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
+        if teacher_heads:
+            settings.update(teacher_weights=self.teachers.weights, ensemble=self.teachers.ensemble)
+
+        def token_sums(student: LinearHead) -> torch.Tensor:
+            sums = fused_token_sums(student, labels, teachers=teacher_heads, teacher_topk=teacher_topk,
+                                    vocab_size=self.vocab_size, **settings)
+            return torch.stack([sums['ce'], sums['kd'], sums['top1'], sums['tokens'].double()]).view(1, 1, 4)
+
+        with self._student_tap.replace(token_sums):
+            sums = self._student_tap.check_output(self.model(**inputs).logits)
+        has_teacher = bool(teacher_heads) or teacher_topk is not None
+        return {'logits': None, 'teacher_logits': None, 'teacher_topk': None, 'token_sums': sums,
+                'has_teacher': has_teacher}
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
@@ -287,6 +313,17 @@ class DistillationModel(HuggingFaceModel):
                 raise ValueError(f'{type(metric).__name__} needs logits, which a fused_head training step never has')
             count = scored_positions(labels).sum()
             metric.update(TokenSums(outputs['loss_terms'].view(3)[1].detach() * count.clamp(min=1), count), labels)
+            return
+        if outputs.get('token_sums') is not None:  # fused evaluation: the sums each metric needs
+            ce, kd, top1, tokens = outputs['token_sums'].view(4).unbind()
+            count = tokens.long()
+            if isinstance(metric, ChunkedCrossEntropyUpdate):
+                metric.update(TokenSums(ce, count), labels)
+                return
+            if not outputs['has_teacher']:
+                raise ValueError(f'{type(metric).__name__} needs the teacher: evaluate on data precomputed by the '
+                                 'same teacher (precompute-teacher), or leave the teacher metrics out')
+            metric.update(TokenSums(kd if isinstance(metric, TeacherDivergenceLoss) else top1, count), None, labels)
             return
         # Targets aligned with the logits: position t is scored against labels[t+1]; the last is unscored.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)

@@ -43,8 +43,9 @@ def _token_sums(student_logits: torch.Tensor, teacher: Optional[Teacher], target
 
 
 class TokenSums(NamedTuple):
-    """A batch's cross-entropy summed over its scored tokens, and their count (both scalar tensors)."""
-    ce_sum: torch.Tensor
+    """A per-token quantity (cross-entropy, divergence, top-1 agreement) summed over a batch's scored tokens, and
+    their count (both scalar tensors): what a fused-head loss gives the metrics instead of logits."""
+    value_sum: torch.Tensor
     count: torch.Tensor
 
 
@@ -112,8 +113,13 @@ class TeacherDivergenceLoss(_TeacherTokenMetric):
         self.loss_kwargs = {'alpha': 0.0, 'temperature': temperature, 'divergence': divergence,
                             **(divergence_kwargs or {})}
 
-    def update(self, student_logits: torch.Tensor, teacher: Teacher, targets: torch.Tensor) -> None:
-        _, kd_sum, count = _token_sums(student_logits, teacher, targets, self.ignore_index, **self.loss_kwargs)
+    def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
+               targets: torch.Tensor) -> None:
+        """Student logits, the teacher and targets; or the ``TokenSums`` of the divergence from a fused head."""
+        if isinstance(student_logits, TokenSums):
+            kd_sum, count = student_logits
+        else:
+            _, kd_sum, count = _token_sums(student_logits, teacher, targets, self.ignore_index, **self.loss_kwargs)
         self.sum += kd_sum.to(torch.float64)
         self.count += count
 
@@ -122,7 +128,13 @@ class TeacherTop1Agreement(_TeacherTokenMetric):
     """Fraction of scored tokens where the student's argmax equals the teacher's argmax (the first top-k id of
     a precomputed teacher)."""
 
-    def update(self, student_logits: torch.Tensor, teacher: Teacher, targets: torch.Tensor) -> None:
+    def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
+               targets: torch.Tensor) -> None:
+        """Student logits, the teacher and targets; or the ``TokenSums`` of agreeing tokens from a fused head."""
+        if isinstance(student_logits, TokenSums):
+            self.sum += student_logits.value_sum.to(torch.float64)
+            self.count += student_logits.count
+            return
         mask = targets != self.ignore_index
         teacher_top1 = teacher.ids[..., 0] if isinstance(teacher, TopKTeacher) else teacher.argmax(dim=-1)
         agree = student_logits.argmax(dim=-1) == teacher_top1
