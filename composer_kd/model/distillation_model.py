@@ -25,12 +25,11 @@ from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.head_tap import HeadTap
 from composer_kd.model.metrics import (
-    ChunkedCrossEntropyUpdate,
     ChunkedLanguageCrossEntropy,
     ChunkedLanguagePerplexity,
     TeacherDivergenceLoss,
     TeacherTop1Agreement,
-    TokenSums,
+    update_from_fused_outputs,
 )
 from composer_kd.model.vocab import shared_vocab_size
 
@@ -186,63 +185,45 @@ class DistillationModel(HuggingFaceModel):
         run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training)
         if self._fuses_this_batch():
             return self._fused_forward(batch, inputs, teacher_topk, run_teachers)
-        if self._student_tap is not None and not self.model.training:
-            return self._fused_eval_forward(batch, inputs, teacher_topk, run_teachers)
         student_logits = self.model(**inputs).logits
         teacher_logits = self.teachers(inputs, self.vocab_size, self.temperature) if run_teachers else None
         return {'logits': student_logits, 'teacher_logits': teacher_logits, 'teacher_topk': teacher_topk}
 
     def _fuses_this_batch(self) -> bool:
-        """Training batches use the fused head unless a callback records statistics that need the logits."""
-        return (self._student_tap is not None and self.model.training and self.stat_sums is None and
-                self.sample_records is None)
+        """With a fused head every batch does, except training batches on which a callback records statistics that
+        need the logits."""
+        return self._student_tap is not None and (not self.model.training or
+                                                  (self.stat_sums is None and self.sample_records is None))
 
     def _fused_forward(self, batch: Mapping[str, Any], inputs: dict[str, Any], teacher_topk: Optional[TopKTeacher],
                        run_teachers: bool) -> dict[str, Any]:
-        """The teachers' hidden states and heads first, then the student's forward, whose head call returns the
-        loss terms ``(1, 1, 3)`` (total, ce, kd) in place of logits (see ``HeadTap``)."""
+        """The teachers' hidden states and heads first, then the student's forward, whose head call returns in
+        place of logits (see ``HeadTap``) the loss terms ``(1, 1, 3)`` (total, ce, kd) when training, or the eval
+        metrics' token sums ``(1, 1, 4)`` (CE, divergence, top-1 agreement, tokens)."""
         assert self._student_tap is not None
         teacher_heads = self.teachers(inputs, self.vocab_size, self.temperature, heads=True) if run_teachers else []
-        labels = batch_labels(batch)
+        labels, training = batch_labels(batch), self.model.training
         settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
-        ensemble = {}
-        if run_teachers:
-            ensemble = {'teacher_weights': self.teachers.weights, 'ensemble': self.teachers.ensemble}
+        teacher = {'teachers': teacher_heads, 'teacher_topk': teacher_topk, 'vocab_size': self.vocab_size}
+        if teacher_heads:
+            teacher.update(teacher_weights=self.teachers.weights, ensemble=self.teachers.ensemble)
 
-        def loss_terms(student: LinearHead) -> torch.Tensor:
+        def on_head(student: LinearHead) -> torch.Tensor:
+            if not training:
+                sums = fused_token_sums(student, labels, **teacher, **settings)
+                return torch.stack([sums['ce'], sums['kd'], sums['top1'], sums['tokens'].double()]).view(1, 1, 4)
             if self._liger_qualifies(student, teacher_heads, teacher_topk, labels):
                 losses = liger_distillation_loss(student, teacher_heads[0], labels, vocab_size=self.vocab_size,
                                                  alpha=self.alpha, **settings)
             else:
-                losses = fused_distillation_loss(student, labels, teachers=teacher_heads, teacher_topk=teacher_topk,
-                                                 vocab_size=self.vocab_size, alpha=self.alpha, **ensemble, **settings)
+                losses = fused_distillation_loss(student, labels, alpha=self.alpha, **teacher, **settings)
             return torch.stack([losses['total'], losses['ce'], losses['kd']]).view(1, 1, 3)
 
-        with self._student_tap.replace(loss_terms):
-            terms = self._student_tap.check_output(self.model(**inputs).logits)
-        return {'logits': None, 'teacher_logits': None, 'teacher_topk': None, 'loss_terms': terms}
-
-    def _fused_eval_forward(self, batch: Mapping[str, Any], inputs: dict[str, Any],
-                            teacher_topk: Optional[TopKTeacher], run_teachers: bool) -> dict[str, Any]:
-        """Evaluation with the fused head: the metrics' token sums ``(1, 1, 4)`` (CE, divergence, top-1 agreement,
-        tokens) from the heads, chunk by chunk, in place of logits."""
-        assert self._student_tap is not None
-        teacher_heads = self.teachers(inputs, self.vocab_size, self.temperature, heads=True) if run_teachers else []
-        labels = batch_labels(batch)
-        settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
-        if teacher_heads:
-            settings.update(teacher_weights=self.teachers.weights, ensemble=self.teachers.ensemble)
-
-        def token_sums(student: LinearHead) -> torch.Tensor:
-            sums = fused_token_sums(student, labels, teachers=teacher_heads, teacher_topk=teacher_topk,
-                                    vocab_size=self.vocab_size, **settings)
-            return torch.stack([sums['ce'], sums['kd'], sums['top1'], sums['tokens'].double()]).view(1, 1, 4)
-
-        with self._student_tap.replace(token_sums):
-            sums = self._student_tap.check_output(self.model(**inputs).logits)
-        has_teacher = bool(teacher_heads) or teacher_topk is not None
-        return {'logits': None, 'teacher_logits': None, 'teacher_topk': None, 'token_sums': sums,
-                'has_teacher': has_teacher}
+        with self._student_tap.replace(on_head):
+            out = self._student_tap.check_output(self.model(**inputs).logits)
+        return {'logits': None, 'teacher_logits': None, 'teacher_topk': None,
+                'loss_terms' if training else 'token_sums': out,
+                'has_teacher': bool(teacher_heads) or teacher_topk is not None}
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
@@ -308,22 +289,8 @@ class DistillationModel(HuggingFaceModel):
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
         labels = batch_labels(batch)
-        if outputs.get('loss_terms') is not None:  # a fused training step: CE from the loss, no logits
-            if not isinstance(metric, ChunkedCrossEntropyUpdate):
-                raise ValueError(f'{type(metric).__name__} needs logits, which a fused_head training step never has')
-            count = scored_positions(labels).sum()
-            metric.update(TokenSums(outputs['loss_terms'].view(3)[1].detach() * count.clamp(min=1), count), labels)
-            return
-        if outputs.get('token_sums') is not None:  # fused evaluation: the sums each metric needs
-            ce, kd, top1, tokens = outputs['token_sums'].view(4).unbind()
-            count = tokens.long()
-            if isinstance(metric, ChunkedCrossEntropyUpdate):
-                metric.update(TokenSums(ce, count), labels)
-                return
-            if not outputs['has_teacher']:
-                raise ValueError(f'{type(metric).__name__} needs the teacher: evaluate on data precomputed by the '
-                                 'same teacher (precompute-teacher), or leave the teacher metrics out')
-            metric.update(TokenSums(kd if isinstance(metric, TeacherDivergenceLoss) else top1, count), None, labels)
+        if outputs.get('logits') is None:  # the fused head: token sums instead of logits
+            update_from_fused_outputs(metric, outputs, scored_positions(labels).sum())
             return
         # Targets aligned with the logits: position t is scored against labels[t+1]; the last is unscored.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)

@@ -20,7 +20,7 @@ from composer_kd.losses import TopKTeacher, distillation_loss, topk_distillation
 
 __all__ = [
     'ChunkedCrossEntropyUpdate', 'ChunkedLanguageCrossEntropy', 'ChunkedLanguagePerplexity', 'TeacherDivergenceLoss',
-    'TeacherTop1Agreement', 'TokenSums'
+    'TeacherTop1Agreement', 'TokenSums', 'update_from_fused_outputs'
 ]
 
 
@@ -54,7 +54,7 @@ class ChunkedCrossEntropyUpdate:
 
     ignore_index: int
 
-    def update(self, output: Union[torch.Tensor, 'TokenSums'], target: torch.Tensor) -> None:
+    def update(self, output: Union[torch.Tensor, 'TokenSums'], target: Optional[torch.Tensor]) -> None:
         """``output``: logits ``(B, T, V)``, or the ``TokenSums`` a fused-head loss gives instead (then ``target`` is
         not used)."""
         if isinstance(output, TokenSums):
@@ -114,7 +114,7 @@ class TeacherDivergenceLoss(_TeacherTokenMetric):
                             **(divergence_kwargs or {})}
 
     def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
-               targets: torch.Tensor) -> None:
+               targets: Optional[torch.Tensor]) -> None:
         """Student logits, the teacher and targets; or the ``TokenSums`` of the divergence from a fused head."""
         if isinstance(student_logits, TokenSums):
             kd_sum, count = student_logits
@@ -129,7 +129,7 @@ class TeacherTop1Agreement(_TeacherTokenMetric):
     a precomputed teacher)."""
 
     def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
-               targets: torch.Tensor) -> None:
+               targets: Optional[torch.Tensor]) -> None:
         """Student logits, the teacher and targets; or the ``TokenSums`` of agreeing tokens from a fused head."""
         if isinstance(student_logits, TokenSums):
             self.sum += student_logits.value_sum.to(torch.float64)
@@ -140,3 +140,29 @@ class TeacherTop1Agreement(_TeacherTokenMetric):
         agree = student_logits.argmax(dim=-1) == teacher_top1
         self.sum += (agree & mask).sum().to(torch.float64)
         self.count += mask.sum()
+
+
+def update_from_fused_outputs(metric: Metric, outputs: dict[str, Any], tokens: torch.Tensor) -> None:
+    """Updates a metric from the outputs of a fused-head forward (``DistillationModel(fused_head=True)``): a
+    training step's ``loss_terms`` (total, ce, kd means) or an evaluation's ``token_sums`` (CE, divergence, top-1
+    agreement sums, tokens). ``tokens``: the batch's scored tokens.
+
+    Raises:
+        ValueError: for a metric these outputs cannot update.
+    """
+    if outputs.get('loss_terms') is not None:  # training: CE from the loss (Composer's train metrics are CE only)
+        if not isinstance(metric, ChunkedCrossEntropyUpdate):
+            raise ValueError(f'{type(metric).__name__} needs logits, which a fused_head training step never has')
+        metric.update(TokenSums(outputs['loss_terms'].view(3)[1].detach() * tokens.clamp(min=1), tokens), None)
+        return
+    ce, kd, top1, count = outputs['token_sums'].view(4).unbind()
+    count = count.long()
+    if isinstance(metric, ChunkedCrossEntropyUpdate):
+        metric.update(TokenSums(ce, count), None)
+    elif not outputs['has_teacher']:
+        raise ValueError(f'{type(metric).__name__} needs the teacher: evaluate on data precomputed by the same '
+                         'teacher (precompute-teacher), or leave the teacher metrics out')
+    elif isinstance(metric, (TeacherDivergenceLoss, TeacherTop1Agreement)):
+        metric.update(TokenSums(kd if isinstance(metric, TeacherDivergenceLoss) else top1, count), None, None)
+    else:
+        raise ValueError(f'{type(metric).__name__} needs logits, which a fused_head forward never has')
