@@ -49,9 +49,10 @@ class LinearHead(NamedTuple):
 
 
 def default_fused_chunk_elements(device: torch.device) -> int:
-    """Rows × V per chunk. Each chunk streams the head's weight through three matmuls, so chunks must have
-    enough rows to keep those compute-bound: 32 MiB of float32 logits on CPU (64 rows at V = 128k; measured
-    by ``benchmarks/loss_peers.py``), 512 MiB on CUDA (1,024 rows)."""
+    """Rows × V per chunk. Each chunk streams the student's head weight through three matmuls (and a teacher's
+    through one), so chunks need enough rows to keep those efficient, and few enough to keep the chunk small:
+    32 MiB of float32 logits on CPU (64 rows at V = 128k; 32 and 128 rows made whole KD steps slower in
+    ``benchmarks/step_overhead.py``), 512 MiB on CUDA (1,024 rows; not yet measured)."""
     return 1 << 27 if device.type == 'cuda' else 1 << 23
 
 
