@@ -29,7 +29,10 @@ from composer_kd.losses.dense import dense_rows_fn
 from composer_kd.losses.ensemble import check_ensemble_weights, ensemble_teacher_logits
 from composer_kd.losses.topk import TopKTeacher, check_topk_teacher, topk_rows
 
-__all__ = ['FusedPlan', 'LinearHead', 'default_fused_chunk_elements', 'fused_distillation_loss', 'plan_fused_loss']
+__all__ = [
+    'FusedPlan', 'LinearHead', 'default_fused_chunk_elements', 'fused_distillation_loss', 'head_logits',
+    'plan_fused_loss'
+]
 
 # (index of C rows (C,)) -> the teacher's tensors for those rows, as the rows function takes them
 TeacherRows = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -56,7 +59,8 @@ def default_fused_chunk_elements(device: torch.device) -> int:
     return 1 << 27 if device.type == 'cuda' else 1 << 23
 
 
-def _logits(head: LinearHead, vocab: int, rows: torch.Tensor) -> torch.Tensor:
+def head_logits(head: LinearHead, vocab: int, rows: torch.Tensor) -> torch.Tensor:
+    """The first ``vocab`` logits ``(C, V)`` of the flattened ``(B·T)`` rows ``rows`` of ``head``."""
     bias = None if head.bias is None else head.bias[:vocab]
     return F.linear(head.hidden.reshape(-1, head.hidden.shape[-1])[rows], head.weight[:vocab], bias)
 
@@ -249,8 +253,8 @@ def _dense_teacher_rows(teachers: list[LinearHead], weights: list[float], ensemb
             return ()
         with torch.no_grad():
             if len(teachers) == 1:
-                return (_logits(teachers[0], vocab, index),)
-            each = (_logits(t, vocab, index) for t in teachers)
+                return (head_logits(teachers[0], vocab, index),)
+            each = (head_logits(t, vocab, index) for t in teachers)
             return (ensemble_teacher_logits(each, weights, ensemble, temperature),)
 
     return rows

@@ -6,9 +6,8 @@ Shapes: B batch, T sequence length, H hidden size, V the shared vocabulary, C ro
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from composer_kd.losses.fused import LinearHead, plan_fused_loss
+from composer_kd.losses.fused import LinearHead, head_logits, plan_fused_loss
 from composer_kd.losses.topk import TopKTeacher
 
 __all__ = ['fused_token_sums']
@@ -40,15 +39,13 @@ def fused_token_sums(student: LinearHead,
     plan = plan_fused_loss(student, labels, teachers, teacher_topk, teacher_weights, ensemble, vocab_size,
                            0.0 if has_teacher else 1.0, temperature, divergence, ignore_index, shift_labels,
                            chunk_elements, divergence_kwargs)
-    flat = student.hidden.reshape(-1, student.hidden.shape[-1])
-    weight = student.weight[:plan.vocab]
-    bias = None if student.bias is None else student.bias[:plan.vocab]
-    sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    device = student.hidden.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, plan.rows.numel(), plan.chunk_rows):
         index = plan.rows[start:start + plan.chunk_rows]
-        logits = F.linear(flat[index], weight, bias).to(plan.dtype)  # (C, V)
+        logits = head_logits(student, plan.vocab, index).to(plan.dtype)  # (C, V)
         teacher = plan.teacher_rows(index)
-        agree = torch.zeros((), device=flat.device)
+        agree = torch.zeros((), device=device)
         if plan.teacher != 'none':  # the teacher's most likely id: first of the top-k, else the argmax
             top1 = teacher[0][:, 0] if plan.teacher == 'topk' else teacher[0].argmax(dim=-1)
             agree = (logits.argmax(dim=-1) == top1).sum()

@@ -88,6 +88,10 @@ class _TeacherTokenMetric(Metric):
         self.add_state('sum', default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx='sum')
         self.add_state('count', default=torch.tensor(0, dtype=torch.long), dist_reduce_fx='sum')
 
+    def _add(self, sums: TokenSums) -> None:
+        self.sum += sums.value_sum.to(torch.float64)
+        self.count += sums.count
+
     def compute(self) -> torch.Tensor:
         return (self.sum / self.count.clamp(min=1)).float()
 
@@ -116,12 +120,10 @@ class TeacherDivergenceLoss(_TeacherTokenMetric):
     def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
                targets: Optional[torch.Tensor]) -> None:
         """Student logits, the teacher and targets; or the ``TokenSums`` of the divergence from a fused head."""
-        if isinstance(student_logits, TokenSums):
-            kd_sum, count = student_logits
-        else:
+        if not isinstance(student_logits, TokenSums):
             _, kd_sum, count = _token_sums(student_logits, teacher, targets, self.ignore_index, **self.loss_kwargs)
-        self.sum += kd_sum.to(torch.float64)
-        self.count += count
+            student_logits = TokenSums(kd_sum, count)
+        self._add(student_logits)
 
 
 class TeacherTop1Agreement(_TeacherTokenMetric):
@@ -131,15 +133,12 @@ class TeacherTop1Agreement(_TeacherTokenMetric):
     def update(self, student_logits: Union[torch.Tensor, TokenSums], teacher: Optional[Teacher],
                targets: Optional[torch.Tensor]) -> None:
         """Student logits, the teacher and targets; or the ``TokenSums`` of agreeing tokens from a fused head."""
-        if isinstance(student_logits, TokenSums):
-            self.sum += student_logits.value_sum.to(torch.float64)
-            self.count += student_logits.count
-            return
-        mask = targets != self.ignore_index
-        teacher_top1 = teacher.ids[..., 0] if isinstance(teacher, TopKTeacher) else teacher.argmax(dim=-1)
-        agree = student_logits.argmax(dim=-1) == teacher_top1
-        self.sum += (agree & mask).sum().to(torch.float64)
-        self.count += mask.sum()
+        if not isinstance(student_logits, TokenSums):
+            mask = targets != self.ignore_index
+            teacher_top1 = teacher.ids[..., 0] if isinstance(teacher, TopKTeacher) else teacher.argmax(dim=-1)
+            agree = student_logits.argmax(dim=-1) == teacher_top1
+            student_logits = TokenSums((agree & mask).sum(), mask.sum())
+        self._add(student_logits)
 
 
 def update_from_fused_outputs(metric: Metric, outputs: dict[str, Any], tokens: torch.Tensor) -> None:
