@@ -1,5 +1,5 @@
-"""``composer-kd`` command line: ``train``, ``precompute-teacher``, ``prepare-data``, ``export``, ``quickstart``
-and ``make-tiny-assets``.
+"""``composer-kd`` command line: ``train``, ``rounds``, ``precompute-teacher``, ``samples``, ``prepare-data``,
+``export``, ``quickstart``, ``recipes`` and ``make-tiny-assets``.
 
 The CLI only parses arguments and calls library functions. A ``ConfigError`` (a user mistake) prints one
 line and exits with status 2; anything else is a bug and keeps its traceback.
@@ -52,8 +52,14 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from composer_kd.run.export import export_student
-    export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
     print(f'exported the student to {args.out_dir}')
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from composer_kd.run.recipes import recipe_path, shipped_recipes
+    for name in shipped_recipes():
+        print(f'{name}\t{recipe_path(name)}')
 
 
 def _make_tiny_assets(args: argparse.Namespace) -> None:
@@ -129,7 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='a Composer checkpoint: a .pt file, or a sharded checkpoint folder')
     p.add_argument('out_dir', help='output folder for save_pretrained (model + tokenizer)')
     p.add_argument('--overwrite', action='store_true', help='write into a non-empty folder')
+    p.add_argument('--trust-pickle', action='store_true', help='load a checkpoint that holds Python objects beyond '
+                   'tensors and plain types (a pickle can run code: only for checkpoints you trust)')
     p.set_defaults(run=_export)
+
+    p = commands.add_parser('recipes', help='list the recipes shipped with the package (`composer-kd train NAME` '
+                            'runs one; copy the file to edit it)')
+    p.set_defaults(run=_recipes)
 
     p = commands.add_parser('make-tiny-assets', help='make the tokenizer, models and data of yamls/tiny-cpu.yaml')
     p.add_argument('--out', default='tiny-assets', help='output folder (default tiny-assets)')

@@ -1,10 +1,13 @@
 """Every bad input: a one-line error naming what is wrong, exit status 2, nothing in ``save_folder``."""
 
+import fractions
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from helpers import assert_cli_error
 
 from composer_kd.cli import main
@@ -46,6 +49,36 @@ def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, mat
     (['model.distillation.ensemble=mean'], "model.distillation.ensemble='mean': use one of ['probs', 'logits']"),
     (['model.teacher=null', 'model.teachers=[{pretrained_model_name_or_path: /no/such/teacher}]'],
      "model.teachers.0.pretrained_model_name_or_path: folder '/no/such/teacher' does not exist"),
+    # Values the Trainer, loaders, optimizer, scheduler and callbacks receive: refused before anything loads.
+    (['seed=abc'], "seed must be an integer in [0, 2^32), got 'abc'"),
+    (['dist_timeout=abc'], "dist_timeout must be a number of seconds > 0, got 'abc'"),
+    (['python_log_level=verbose'], "python_log_level must be one of ['debug', 'info', 'warning', 'error', "
+     "'critical'], got 'verbose'"),
+    (['max_duration=10xx'], "max_duration must be a positive time such as 10ep, 10ba, 10sp, 10tok (or an int "
+     "number of epochs), got '10xx'"),
+    (['eval_interval=abc'], "eval_interval must be a positive time such as"),
+    (['save_interval=0ba'], "save_interval must be a positive time such as"),
+    (['optimizer.lr=abc'], "optimizer.lr must be a number, got 'abc'"),
+    (['optimizer.betas=[0.9]'], 'optimizer.betas must be a list of 2 (a number, a number), got [0.9]'),
+    (['optimizer.lr=-1'], 'optimizer.decoupled_adamw: Invalid learning rate: -1'),
+    (['scheduler.t_warmup=5xx'], "scheduler.t_warmup must be a time such as 100ba or 0.1dur, got '5xx'"),
+    (['algorithms.gradient_clipping.clipping_type=bogus'],
+     "algorithms.gradient_clipping.clipping_type must be one of ['adaptive', 'norm', 'value'], got 'bogus'"),
+    (['callbacks.speed_monitor.window_size=abc'], "callbacks.speed_monitor.window_size must be an integer, got 'abc'"),
+    (['train_loader.dataset.max_seq_len=0'], 'train_loader.dataset.max_seq_len must be a positive integer, got 0'),
+    (['train_loader.dataset.max_seq_len=-1'], 'train_loader.dataset.max_seq_len must be a positive integer, got -1'),
+    (['train_loader.dataset.max_seq_len=64'],
+     'train_loader.dataset.max_seq_len=64 disagrees with the top-level max_seq_len=128'),
+    (['max_seq_len=0'], 'max_seq_len must be a positive integer, got 0'),
+    (['train_loader.num_workers=-1'], 'train_loader.num_workers must be an integer ≥ 0, got -1'),
+    (['train_loader.prefetch_factor=2'], 'train_loader.prefetch_factor needs train_loader.num_workers > 0'),
+    (['train_loader.dataset.shuffle_algo=x'], "train_loader.dataset.shuffle_algo must be one of"),
+    (['train_loader.drop_last=maybe'], "train_loader.drop_last must be true or false, got 'maybe'"),
+    (['save_num_checkpoints_to_keep=-3'], 'save_num_checkpoints_to_keep must be an integer ≥ -1'),
+    (['load_path=/no/such.pt'], 'load_path: no such checkpoint file or folder: /no/such.pt'),
+    (['model.student.trust_remote_code=maybe'], "model.student.trust_remote_code must be true or false, got 'maybe'"),
+    (['model.teacher.torch_dtype=float8'], "model.teacher.torch_dtype must be one of"),
+    (['eval_first=1'], 'eval_first must be true or false, got 1'),
 ])
 def test_bad_config_values(capsys, tmp_path, write_config, overrides, match) -> None:
     config = write_config(**{'max_duration': '1ba', 'eval_loader': None, 'save_interval': '1ba'})
@@ -104,6 +137,27 @@ def test_yaml_errors(capsys, tmp_path) -> None:
     _fails(capsys, tmp_path, tmp_path / 'missing.yaml', match='config file not found')
     bad.write_text('variables: {a: 1}\nrun_name: ${variables.b}\n')
     _fails(capsys, tmp_path, bad, match='variables.b')
+
+
+def test_quickstart_refuses_bad_settings_before_any_stage(capsys, tmp_path) -> None:
+    out = tmp_path / 'qs'
+    assert_cli_error(capsys, ['quickstart', '--out', str(out), '--alpha', '5', '--divergence', 'bogus'],
+                     '--alpha must be a number in [0, 1], got 5.0')
+    assert_cli_error(capsys, ['quickstart', '--out', str(out), '--divergence', 'bogus'], "--divergence must be one of")
+    assert not out.exists()
+
+
+def test_export_refuses_what_is_not_a_safe_checkpoint(capsys, tmp_path) -> None:
+    readme = Path(__file__).resolve().parents[1] / 'README.md'
+    assert_cli_error(capsys, ['export', str(readme), str(tmp_path / 'out')],
+                     f'checkpoint: {readme} is not a Composer checkpoint (not a torch.save file)')
+    evil = tmp_path / 'evil.pt'
+    torch.save({'state': {'model': {}}, 'x': fractions.Fraction(1, 3)}, evil)  # any global outside the allowlist
+    assert_cli_error(capsys, ['export', str(evil), str(tmp_path / 'out')],
+                     'holds objects outside the safe list (fractions.Fraction); it is a pickle that can run code')
+    assert_cli_error(capsys, ['export', str(evil), str(tmp_path / 'out'), '--trust-pickle'],
+                     'has no Hugging Face metadata')  # trusted: loaded, then refused for what it holds
+    assert not (tmp_path / 'out').exists()
 
 
 def test_cli_prints_one_line_and_no_traceback(tmp_path, write_config) -> None:

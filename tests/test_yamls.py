@@ -1,9 +1,11 @@
 """Every recipe under ``yamls/`` parses and passes every check that needs no model, data or GPU."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 from composer.utils import FSDPConfig
+from omegaconf import OmegaConf
 
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import check_run_config
@@ -65,3 +67,33 @@ def test_precompute_recipe_is_valid(recipe: Path) -> None:
             check_precompute_config(cfg, world_size=8, gpu=False)
     if cfg.get('fsdp_config'):
         FSDPConfig(**cfg['fsdp_config'])
+
+
+def test_the_readme_yaml_parses_and_passes_every_check(tmp_path: Path) -> None:
+    """The full config block is checked as launched on 8 GPUs; each fragment on top of it; the precompute block
+    as a precompute config; every block must parse."""
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    blocks = [b.split('```', 1)[0] for b in readme.split('```yaml\n')[1:]]
+    parsed = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f'block{i}.yaml'
+        path.write_text(block)
+        parsed.append(read_yaml(str(path)))
+    full = [cfg for cfg in parsed if 'max_duration' in cfg]
+    assert len(full) == 1, 'the README has one full run config'
+    check_run_config(load_config(str(tmp_path / f'block{parsed.index(full[0])}.yaml')), world_size=8, gpu=True)
+    for i, cfg in enumerate(parsed):
+        if 'precompute' in cfg:
+            check_precompute_config(load_precompute_config(str(tmp_path / f'block{i}.yaml')), world_size=8, gpu=True)
+        elif 'rounds' not in cfg and cfg is not full[0]:
+            merged = OmegaConf.to_container(OmegaConf.merge(full[0], cfg))
+            if 'teachers' in cfg.get('model', {}):
+                merged['model']['teacher'] = None
+            path = tmp_path / f'merged{i}.yaml'
+            OmegaConf.save(merged, path)
+            if 'wandb' in (merged.get('loggers') or {}) and importlib.util.find_spec('wandb') is None:
+                with pytest.raises(ConfigError, match='loggers.wandb: the wandb package is not installed'):
+                    check_run_config(load_config(str(path)), world_size=8, gpu=True)
+                del merged['loggers']['wandb']
+                OmegaConf.save(merged, path)
+            check_run_config(load_config(str(path)), world_size=8, gpu=True)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 from composer_kd.data.prepare import prepare_data, split_of
 from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
+from composer_kd.losses import check_distillation_args
 from composer_kd.quickstart.report import write_report
 from composer_kd.quickstart.runs import offline_overrides, precompute_run, step_costs_run, train_run
 from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
@@ -114,6 +115,12 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
                    seed: int = 17, alpha: float = 0.1, temperature: float = 1.0,
                    divergence: str = 'forward_kl') -> dict[str, Any]:
     """Runs (or resumes) every stage and the report; returns the results written to ``results.json``."""
+    try:  # now, not when the distillation stage starts after the teacher has trained
+        check_distillation_args(alpha, temperature, divergence, {})
+    except ValueError as e:
+        raise ConfigError(f'--{e}') from None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f'--seed must be an integer in [0, 2^32), got {seed!r}')
     sizes = FAST if fast else DEFAULT
     source = corpus or sysconfig.get_paths().get('stdlib', '')
     if not source or not os.path.isdir(source):

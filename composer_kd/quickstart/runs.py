@@ -15,12 +15,13 @@ from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.run.config import load_config, load_precompute_config
 from composer_kd.run.export import export_student
 from composer_kd.run.precompute import precompute_teacher
+from composer_kd.run.recipes import recipe_path
 from composer_kd.run.step_costs import paired_step_costs, precompute_step, training_step
 from composer_kd.run.train import build_trainer, train
 
 __all__ = ['RECIPES', 'offline_overrides', 'train_run', 'precompute_run', 'step_costs_run']
 
-RECIPES = Path(__file__).resolve().parents[2] / 'yamls' / 'quickstart'
+RECIPES = recipe_path('quickstart/student').parent
 LOGPROBS = 'uint8'
 
 

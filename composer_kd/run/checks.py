@@ -8,7 +8,9 @@ from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
 from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_ensemble_weights
+from composer_kd.run.object_checks import check_registered_objects
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
+from composer_kd.run.value_checks import check_loader_values, check_trainer_values
 
 __all__ = [
     'BatchSizes', 'check_ensemble', 'ensemble_mode', 'check_fsdp', 'check_precision', 'check_run_config',
@@ -169,6 +171,7 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
         ConfigError: naming the key and the value.
     """
     check_precision(cfg, gpu)
+    check_trainer_values(cfg)
     if cfg.get('autoresume') and not cfg.get('run_name'):
         raise ConfigError('autoresume: true needs a run_name (it names the run whose checkpoints are resumed)')
     sizes = _batch_sizes(cfg, world_size, gpu)
@@ -201,4 +204,7 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     for loader in ('train_loader', 'eval_loader'):
         if cfg.get(loader) is not None and cfg[loader].get('name', 'text') not in ('text', 'tokens'):
             raise ConfigError(f"{loader}.name={cfg[loader]['name']!r}: only MDS token data ('text') is supported")
+        if cfg.get(loader) is not None:
+            check_loader_values(cfg, loader)
+    check_registered_objects(cfg)
     return sizes

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer_kd.errors import ConfigError
+from composer_kd.run.recipes import resolve_config_path, shipped_recipes
 
 __all__ = [
     'load_config', 'load_precompute_config', 'read_yaml', 'teacher_entries', 'validate_config',
@@ -61,8 +62,6 @@ _REQUIRED_IN: dict[str, tuple[str, ...]] = {
     'tokenizer': ('name',),
     'train_loader': ('dataset',),
     'eval_loader': ('dataset',),
-    'train_loader.dataset': ('max_seq_len',),
-    'eval_loader.dataset': ('max_seq_len',),
     'optimizer': ('name',),
     'scheduler': ('name',),
 }
@@ -120,8 +119,10 @@ def read_yaml(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[st
     Raises:
         ConfigError: for a missing or unreadable file, a malformed override or a failed interpolation.
     """
+    path = resolve_config_path(path)
     if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
+        raise ConfigError(f'config file not found: {path} (shipped recipes, usable by name: '
+                          f'{", ".join(shipped_recipes())})')
     try:
         cfg = OmegaConf.load(path)
         for item in overrides:

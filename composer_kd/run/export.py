@@ -1,16 +1,28 @@
-"""``composer-kd export``: the student of a Composer checkpoint → a Hugging Face ``save_pretrained`` folder.
+"""``composer-kd export``: the student of a Composer checkpoint → a Hugging Face ``save_pretrained`` folder
+(safetensors weights, config, tokenizer).
 
 The checkpoint embeds the student's config and tokenizer (``HuggingFaceModel.get_metadata``) and holds the
 student's weights under ``model.*`` (the teacher is never saved), so no other input is needed.
+
+Composer checkpoints are pickles. They are read with ``torch.load(weights_only=True)`` and an allowlist of the
+plain types a Composer 0.32 checkpoint holds (time deltas, NumPy arrays and dtypes of the RNG state, the torch
+version); a checkpoint that needs anything else is refused by name unless the caller trusts it
+(``--trust-pickle``). A sharded checkpoint's ``.metadata`` is a pickle that torch reads itself: trusted input.
 """
 
+import datetime
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 from typing import Any
 
+import numpy as np
 import torch
 from composer.models import HuggingFaceModel
 from composer.models.huggingface import get_hf_config_from_composer_state_dict
+from torch.torch_version import TorchVersion
 from transformers import AutoModelForCausalLM
 
 from composer_kd.errors import ConfigError
@@ -20,21 +32,48 @@ __all__ = ['export_student', 'load_checkpoint']
 _STUDENT_PREFIX = 'model.'
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Loads a monolithic (``.pt``) or sharded (folder with ``.metadata``) Composer checkpoint onto the CPU."""
+# What a Composer 0.32.1 checkpoint pickles besides tensors and containers (found by loading real ones).
+SAFE_CHECKPOINT_GLOBALS = [
+    datetime.timedelta, TorchVersion, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+    (np._core.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),  # as NumPy 1 wrote it
+    *(getattr(np.dtypes, name) for name in np.dtypes.__all__),
+]
+
+
+def _torch_load(path: str, shown: str, trust_pickle: bool) -> dict[str, Any]:
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f'checkpoint: {shown} is not a Composer checkpoint (not a torch.save file)')
+    if trust_pickle:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        match = re.search(r'GLOBAL ([\w.]+)|but got <class \'([\w.]+)\'>', str(e))
+        found = next(g for g in match.groups() if g) if match else 'an object torch will not load safely'
+        raise ConfigError(f'checkpoint: {shown} holds objects outside the safe list ({found}); it is a pickle that '
+                          'can run code: pass --trust-pickle only if you trust its source') from e
+    except (RuntimeError, EOFError) as e:
+        reason = str(e).splitlines()[0][:160]
+        raise ConfigError(f'checkpoint: {shown} cannot be read ({reason}); is it complete?') from e
+
+
+def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, Any]:
+    """Loads a monolithic (``.pt``) or sharded (folder with ``.metadata``) Composer checkpoint onto the CPU,
+    without running pickled code unless ``trust_pickle``."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, '.metadata')):
             raise ConfigError(f'checkpoint: {path} is a folder without a sharded checkpoint (.metadata) in it')
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(path, os.path.join(tmp, 'full.pt'))
-            return torch.load(os.path.join(tmp, 'full.pt'), map_location='cpu', weights_only=False)
+            return _torch_load(os.path.join(tmp, 'full.pt'), path, trust_pickle)
     if not os.path.isfile(path):
         raise ConfigError(f'checkpoint: no such file or folder: {path}')
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return _torch_load(path, path, trust_pickle)
 
 
-def export_student(checkpoint: str, out_dir: str, overwrite: bool = False) -> str:
+def export_student(checkpoint: str, out_dir: str, overwrite: bool = False, trust_pickle: bool = False) -> str:
     """Writes the checkpoint's student (weights, config, tokenizer) to ``out_dir``; returns ``out_dir``.
 
     Raises:
@@ -43,7 +82,7 @@ def export_student(checkpoint: str, out_dir: str, overwrite: bool = False) -> st
     """
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ConfigError(f'out_dir: {out_dir} is not empty (pass --overwrite to write into it)')
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, trust_pickle)
     hf_state = state.get('state', {}).get('integrations', {}).get('huggingface')
     if hf_state is None:
         raise ConfigError(f'checkpoint: {checkpoint} has no Hugging Face metadata (not a composer-kd checkpoint)')
@@ -59,7 +98,7 @@ def export_student(checkpoint: str, out_dir: str, overwrite: bool = False) -> st
                           f'unexpected {unexpected[:3]})')
     student.tie_weights()
     os.makedirs(out_dir, exist_ok=True)
-    student.save_pretrained(out_dir)
+    student.save_pretrained(out_dir, safe_serialization=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=tmp)
     if tokenizer is not None:

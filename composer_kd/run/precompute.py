@@ -139,13 +139,13 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: for any value that cannot be used, naming its key, before the teacher loads.
     """
     start_time = time.perf_counter()
+    gpu = torch.cuda.is_available()
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    settings = check_precompute_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     level = str(cfg.get('python_log_level', 'warning')).upper()
     for name in ('composer', 'composer_kd'):
         logging.getLogger(name).setLevel(level)
-    gpu = torch.cuda.is_available()
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    settings = check_precompute_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
     check_precompute_paths(settings)
     teachers = teacher_entries(cfg['model'])
     for key, section in teachers:

@@ -9,7 +9,7 @@ from streaming.base.compression import get_compressions
 from composer_kd.data.teacher_topk import ENCODINGS
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import check_ensemble, check_fsdp, check_precision, ensemble_mode
-from composer_kd.run.config import teacher_entries
+from composer_kd.run.value_checks import check_dataset_values, check_model_values, check_process_values
 
 __all__ = ['PrecomputeSettings', 'check_precompute_config', 'check_precompute_paths']
 
@@ -66,11 +66,9 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
         ConfigError: naming the key and the value.
     """
     precision = check_precision(cfg, gpu)
+    check_process_values(cfg)
+    check_model_values(cfg)
     check_fsdp(cfg, world_size, gpu, fsdp_version)
-    for key, teacher in teacher_entries(cfg['model']):
-        if (teacher.get('pretrained_model_name_or_path') is None) == (teacher.get('config') is None):
-            raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or '
-                              'config (a from-scratch model)')
     check_ensemble(cfg['model'])
     section = cfg['precompute']
     top_k = _positive_int('precompute.top_k', section['top_k'])
@@ -92,6 +90,7 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
     max_seq_len = dataset['max_seq_len']
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ConfigError(f'precompute.dataset.max_seq_len must be an integer >= 2, got {max_seq_len!r}')
+    check_dataset_values('precompute.dataset', dataset)
     local, remote, split = dataset.get('local'), dataset.get('remote'), dataset.get('split')
     if not local and not remote:
         raise ConfigError('precompute.dataset: give local (a folder) and/or remote (a URI) of the MDS dataset')

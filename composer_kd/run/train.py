@@ -23,6 +23,7 @@ from composer_kd.run.precomputed_data import (
     is_precomputed,
 )
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
+from composer_kd.run.value_checks import loader_max_seq_len
 
 __all__ = ['build_trainer', 'train']
 
@@ -67,15 +68,14 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     Raises:
         ConfigError: for any value that cannot be used, naming its key.
     """
-    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    level = str(cfg.get('python_log_level', 'warning')).upper()
-    for name in ('composer', 'composer_kd'):
-        logging.getLogger(name).setLevel(level)
-
     gpu = torch.cuda.is_available()
     device = 'gpu' if gpu else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    level = str(cfg.get('python_log_level', 'warning')).upper()
+    for name in ('composer', 'composer_kd'):
+        logging.getLogger(name).setLevel(level)
     precomputed = is_precomputed(cfg)
     train_teacher, eval_teacher = check_precomputed_data(cfg) if precomputed else (None, None)
     parallelism_config = _parallelism(cfg, world_size)
@@ -97,7 +97,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
 
     def loader(section: str, batch_size: int) -> Any:
         loader_cfg = {k: v for k, v in cfg[section].items() if k != 'name'}
-        dataset = loader_cfg.pop('dataset')
+        dataset = {**loader_cfg.pop('dataset'), 'max_seq_len': loader_max_seq_len(cfg, section)}
         try:
             return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
                                           **loader_cfg)
