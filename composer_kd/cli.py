@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from composer_kd.errors import ConfigError
+from composer_kd.errors import ConfigError, TrainingFault
 
 __all__ = ['main']
 
@@ -150,14 +150,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (\"Caught DataError in DataLoader worker
+    process 0\" + the worker's traceback), the original message."""
+    text = str(error)
+    if text.startswith('Caught '):
+        last = text.strip().splitlines()[-1]
+        return last.split(': ', 1)[1] if ': ' in last else last
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the CLI; returns the process exit status."""
     args = _parser().parse_args(argv)
     try:
         args.run(args)
     except ConfigError as e:
-        print(f'composer-kd {args.command}: error: {e}', file=sys.stderr)
+        print(f'composer-kd {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return 2
+    except TrainingFault as e:
+        print(f'composer-kd {args.command}: stopped: {_one_line(e)}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'composer-kd {args.command}: interrupted', file=sys.stderr)
         return 130

@@ -102,3 +102,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Writes the reliability table's rows (``tests/reliability.py``) where ``COMPOSER_KD_RELIABILITY_JSON`` says."""
+    path = os.environ.get('COMPOSER_KD_RELIABILITY_JSON')
+    if path:
+        import json
+
+        from reliability import ROWS
+        Path(path).write_text(json.dumps(sorted(ROWS, key=lambda r: r['fault']), indent=1))

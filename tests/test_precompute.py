@@ -173,7 +173,7 @@ def test_dataset_without_tokens_is_refused(capsys, tmp_path: Path, precompute_co
     with MDSWriter(columns={'text': 'str'}, out=str(tmp_path / 'text' / 'val')) as writer:
         writer.write({'text': 'no tokens here'})
     _fails(capsys, precompute_config(), f'precompute.dataset.local={tmp_path / "text"}',
-           match="precompute.dataset: MDS samples need a 'tokens' column")
+           match="/text/val: MDS samples need a 'tokens' column")
 
 
 def test_remote_output_trains_from_the_remote_alone(tmp_path: Path, tiny_assets: Path, precompute_config) -> None:

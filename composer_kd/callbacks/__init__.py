@@ -4,11 +4,12 @@ from composer_kd.callbacks.csv_logger import CSVLogger as CSVLogger
 from composer_kd.callbacks.early_stopper import StatefulEarlyStopper as StatefulEarlyStopper
 from composer_kd.callbacks.kd_monitor import KDMonitor as KDMonitor
 from composer_kd.callbacks.kd_schedule import KDSchedule as KDSchedule
+from composer_kd.callbacks.nonfinite_guard import NonFiniteGuard as NonFiniteGuard
 from composer_kd.callbacks.per_sample_log import PerSampleLog as PerSampleLog
 from composer_kd.callbacks.release_streaming import ReleaseStreamingMemory as ReleaseStreamingMemory
 from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector as ScheduledGarbageCollector
 
 __all__ = [
-    'CSVLogger', 'KDMonitor', 'KDSchedule', 'PerSampleLog', 'ReleaseStreamingMemory', 'ScheduledGarbageCollector',
-    'StatefulEarlyStopper'
+    'CSVLogger', 'KDMonitor', 'KDSchedule', 'NonFiniteGuard', 'PerSampleLog', 'ReleaseStreamingMemory',
+    'ScheduledGarbageCollector', 'StatefulEarlyStopper'
 ]

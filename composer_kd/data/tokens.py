@@ -15,8 +15,10 @@ from composer.core import DataSpec
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
+from composer_kd.data.shard_checks import check_mds_split
 from composer_kd.data.streaming_resources import raise_open_file_limit, release_shared_memory
 from composer_kd.data.teacher_topk import TEACHER_IDS, decode_teacher, pad_teacher
+from composer_kd.errors import DataError
 
 __all__ = [
     'TokenDataset', 'batch_labels', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader'
@@ -39,11 +41,14 @@ class TokenDataset(StreamingDataset):
             ``batch_size``, ...).
     """
 
-    def __init__(self, max_seq_len: int, teacher_temperature: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, max_seq_len: int, teacher_temperature: float = 1.0, vocab_size: Optional[int] = None,
+                 **kwargs: Any) -> None:
         raise_open_file_limit()  # every StreamingDataset keeps ~60 descriptors until the process exits
         super().__init__(**kwargs)
         self.max_seq_len = max_seq_len
         self.teacher_temperature = teacher_temperature
+        self.vocab_size = vocab_size
+        self._where = os.path.join(kwargs.get('local') or kwargs.get('remote') or '', kwargs.get('split') or '')
 
     def __del__(self) -> None:
         # Unreachable: give back the shared memory Streaming would otherwise hold until the process exits.
@@ -52,11 +57,22 @@ class TokenDataset(StreamingDataset):
             release_shared_memory(self)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = super().__getitem__(index)
+        try:
+            sample = super().__getitem__(index)
+        except Exception as e:  # a shard that decodes to garbage: name it here, not deep in a worker
+            raise DataError(f'{self._where}: sample {index} cannot be read ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:120] if str(e) else ""}); its shard may be corrupt') from e
         if TOKENS_COLUMN not in sample:
-            raise ValueError(f'MDS samples need a {TOKENS_COLUMN!r} column (ndarray of token ids); this dataset has '
-                             f'{sorted(sample)}')
-        tokens = np.asarray(sample[TOKENS_COLUMN])[:self.max_seq_len]
+            raise DataError(f'{self._where}: MDS samples need a {TOKENS_COLUMN!r} column (ndarray of token ids); '
+                            f'this dataset has {sorted(sample)}')
+        tokens = np.asarray(sample[TOKENS_COLUMN])
+        if len(tokens) > self.max_seq_len:
+            raise DataError(f'{self._where}: sample {index} has {len(tokens)} tokens, more than max_seq_len='
+                            f'{self.max_seq_len} (prepare the data at this length, or raise max_seq_len)')
+        if len(tokens) and (tokens.min() < 0 or (self.vocab_size is not None and tokens.max() >= self.vocab_size)):
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+            raise DataError(f'{self._where}: sample {index} holds token id {bad}, outside the tokenizer\'s '
+                            f'{self.vocab_size} ids (data prepared with another tokenizer?)')
         # sample_id: the sample's global index in the dataset, stable across processes, shuffles and resumes.
         item = {'input_ids': torch.from_numpy(tokens.astype(np.int64)), 'sample_id': torch.tensor(index)}
         teacher = decode_teacher(sample, self.max_seq_len, self.teacher_temperature)
@@ -124,7 +140,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
                            pin_memory: bool = False,
                            prefetch_factor: Optional[int] = None,
                            persistent_workers: bool = False,
-                           timeout: float = 0) -> DataSpec:
+                           timeout: float = 0,
+                           vocab_size: Optional[int] = None) -> DataSpec:
     """Builds the ``DataSpec`` for an LLM Foundry-style ``*_loader`` section.
 
     Args:
@@ -135,9 +152,12 @@ def build_token_dataloader(dataset: Mapping[str, Any],
         teacher_temperature (float): for a precomputed teacher, the temperature whose recorded rest mass the
             batches carry. Default: ``1.0``.
         drop_last, num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: ``DataLoader`` args.
+        vocab_size (int, optional): token ids must be below it (the tokenizer's length); checked per sample.
 
     Raises:
         ValueError: when there is neither a local split with an ``index.json`` nor a remote to fetch it from.
+        DataError: for a bad index or shard (``shard_checks.check_mds_split``), at build; for a bad sample, when
+            it is read.
     """
     kwargs = dict(dataset)
     max_seq_len = kwargs.pop('max_seq_len')
@@ -147,8 +167,10 @@ def build_token_dataloader(dataset: Mapping[str, Any],
         if not os.path.isfile(index):
             raise ValueError(f'no MDS dataset at local={local!r} split={split!r} (missing {index}); '
                              'make one with `composer-kd prepare-data`')
+    if local and os.path.isfile(os.path.join(local, split or '', 'index.json')):
+        check_mds_split(local, split, remote)
     dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
-                        **kwargs)
+                        vocab_size=vocab_size, **kwargs)
     if len(dset) == 0:
         raise ValueError(f'the MDS dataset at local={local!r} split={split!r} has no samples')
     workers = num_workers > 0

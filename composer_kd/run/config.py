@@ -30,7 +30,7 @@ TOP_LEVEL_KEYS = frozenset(REQUIRED_KEYS) | {
     'fsdp_config', 'save_folder',
     'save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite', 'save_filename', 'save_latest_filename',
     'save_weights_only', 'load_path', 'load_weights_only', 'load_strict_model_weights', 'autoresume', 'progress_bar',
-    'log_to_console', 'console_log_interval', 'python_log_level', 'dist_timeout'
+    'log_to_console', 'console_log_interval', 'python_log_level', 'dist_timeout', 'on_nonfinite'
 }
 
 HF_MODEL_KEYS = frozenset({

@@ -10,7 +10,7 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, get_device, reproducibility
 
-from composer_kd.callbacks import ReleaseStreamingMemory
+from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
@@ -100,7 +100,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
         dataset = {**loader_cfg.pop('dataset'), 'max_seq_len': loader_max_seq_len(cfg, section)}
         try:
             return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
-                                          **loader_cfg)
+                                          vocab_size=len(tokenizer), **loader_cfg)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise ConfigError(f'{section}: {str(e).splitlines()[0]}') from e
 
@@ -114,7 +114,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     schedulers = [construct('scheduler', SCHEDULERS, *_named('scheduler', cfg))] if cfg.get('scheduler') else []
     algorithms = [construct('algorithms', ALGORITHMS, n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
     loggers = [construct('loggers', LOGGERS, n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
-    callbacks = [*_callbacks(cfg), ReleaseStreamingMemory()]
+    callbacks = [*_callbacks(cfg), NonFiniteGuard(cfg.get('on_nonfinite', 'raise')), ReleaseStreamingMemory()]
     metric_names = list(model.get_metrics(is_train=False))
     if precomputed and eval_teacher is None:  # eval data without the teacher: its metrics cannot be computed
         metric_names = [name for name in metric_names if not name.startswith('Teacher')]

@@ -84,6 +84,9 @@ def check_trainer_values(cfg: Mapping[str, Any]) -> None:
     for key in _STRINGS:
         if cfg.get(key) is not None:
             _expect(isinstance(cfg[key], str) and cfg[key] != '', key, cfg[key], 'a non-empty string')
+    if 'on_nonfinite' in cfg:
+        _expect(cfg['on_nonfinite'] in ('raise', 'skip_batch'), 'on_nonfinite', cfg['on_nonfinite'],
+                "one of ['raise', 'skip_batch']")
     if 'max_seq_len' in cfg:
         _expect(is_int(cfg['max_seq_len']) and cfg['max_seq_len'] > 0, 'max_seq_len', cfg['max_seq_len'],
                 'a positive integer')
