@@ -8,8 +8,9 @@ from composer_kd.callbacks.nonfinite_guard import NonFiniteGuard as NonFiniteGua
 from composer_kd.callbacks.per_sample_log import PerSampleLog as PerSampleLog
 from composer_kd.callbacks.release_streaming import ReleaseStreamingMemory as ReleaseStreamingMemory
 from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector as ScheduledGarbageCollector
+from composer_kd.callbacks.sigterm_checkpoint import StopOnSigterm as StopOnSigterm
 
 __all__ = [
     'CSVLogger', 'KDMonitor', 'KDSchedule', 'NonFiniteGuard', 'PerSampleLog', 'ReleaseStreamingMemory',
-    'ScheduledGarbageCollector', 'StatefulEarlyStopper'
+    'ScheduledGarbageCollector', 'StatefulEarlyStopper', 'StopOnSigterm'
 ]

@@ -10,7 +10,7 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, get_device, reproducibility
 
-from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory
+from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory, StopOnSigterm
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
@@ -114,7 +114,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     schedulers = [construct('scheduler', SCHEDULERS, *_named('scheduler', cfg))] if cfg.get('scheduler') else []
     algorithms = [construct('algorithms', ALGORITHMS, n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
     loggers = [construct('loggers', LOGGERS, n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
-    callbacks = [*_callbacks(cfg), NonFiniteGuard(cfg.get('on_nonfinite', 'raise')), ReleaseStreamingMemory()]
+    callbacks = [*_callbacks(cfg), NonFiniteGuard(cfg.get('on_nonfinite', 'raise')), StopOnSigterm(),
+                 ReleaseStreamingMemory()]
     metric_names = list(model.get_metrics(is_train=False))
     if precomputed and eval_teacher is None:  # eval data without the teacher: its metrics cannot be computed
         metric_names = [name for name in metric_names if not name.startswith('Teacher')]
