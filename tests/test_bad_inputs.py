@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_cli_error
+from reliability import record
 
 from composer_kd.cli import main
 from composer_kd.quickstart.tiny_assets import save_gpt2, train_bpe_tokenizer
@@ -17,6 +18,7 @@ from composer_kd.quickstart.tiny_assets import save_gpt2, train_bpe_tokenizer
 def _fails(capsys: pytest.CaptureFixture, tmp_path, config, *overrides: str, match: str) -> None:
     assert_cli_error(capsys, ['train', str(config), *overrides], match)
     assert not (tmp_path / 'runs').exists()
+    record(f'train {" ".join(overrides)}'.strip(), f'exit 2: ...{match}', lost='nothing (refused before loading)')
 
 
 @pytest.mark.parametrize('overrides,match', [
@@ -145,6 +147,8 @@ def test_quickstart_refuses_bad_settings_before_any_stage(capsys, tmp_path) -> N
                      '--alpha must be a number in [0, 1], got 5.0')
     assert_cli_error(capsys, ['quickstart', '--out', str(out), '--divergence', 'bogus'], "--divergence must be one of")
     assert not out.exists()
+    record('quickstart --alpha 5 --divergence bogus', 'exit 2: --alpha must be a number in [0, 1], got 5.0',
+           lost='nothing (refused before any stage)')
 
 
 def test_export_refuses_what_is_not_a_safe_checkpoint(capsys, tmp_path) -> None:
@@ -158,6 +162,10 @@ def test_export_refuses_what_is_not_a_safe_checkpoint(capsys, tmp_path) -> None:
     assert_cli_error(capsys, ['export', str(evil), str(tmp_path / 'out'), '--trust-pickle'],
                      'has no Hugging Face metadata')  # trusted: loaded, then refused for what it holds
     assert not (tmp_path / 'out').exists()
+    record('export README.md out', 'exit 2: checkpoint: README.md is not a Composer checkpoint (not a torch.save file)')
+    record('export of a checkpoint pickling an object outside the allowlist', 'exit 2: ... holds objects outside '
+           'the safe list (fractions.Fraction); it is a pickle that can run code: pass --trust-pickle only if you '
+           'trust its source', lost='nothing (not unpickled)')
 
 
 def test_cli_prints_one_line_and_no_traceback(tmp_path, write_config) -> None:

@@ -119,7 +119,7 @@ def test_token_ids_outside_the_vocabulary(tmp_path, write_config) -> None:
     config = write_config(**{'eval_loader': None})
     shutil.rmtree(tmp_path / 'data' / 'train')
     rows = [np.arange(128) for _ in range(16)]
-    rows[3] = np.full(128, 10_000)  # the tiny tokenizer has 512 ids
+    rows[3] = np.full(128, 10_000)  # the tiny tokenizer has 1,024 ids
     _write_tokens(tmp_path / 'data' / 'train', rows)
     status, line = _run_cli('train', str(config), 'train_loader.dataset.shuffle=false')
     assert status == 2 and 'sample 3 holds token id 10000, outside the tokenizer' in line, line
