@@ -1,18 +1,21 @@
 """A validated run config → a Composer ``Trainer``. Every user error surfaces as a ``ConfigError`` before the
 ``Trainer`` exists, so a bad config leaves nothing in ``save_folder``."""
 
+import errno
 import logging
 import os
-from typing import Any, Mapping
+import traceback
+from typing import Any, Mapping, Optional
 
 import torch
 from composer import Trainer
 from composer.core import Evaluator
-from composer.utils import dist, get_device, reproducibility
+from composer.utils import dist, format_name_with_dist, get_device, reproducibility
 
 from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory, StopOnSigterm
 from composer_kd.data.tokens import build_token_dataloader
-from composer_kd.errors import ConfigError
+from composer_kd.errors import ConfigError, TrainingFault
+from composer_kd.run.checkpoint_repair import repair_checkpoint_folder
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
@@ -28,6 +31,8 @@ from composer_kd.run.value_checks import loader_max_seq_len
 __all__ = ['build_trainer', 'train']
 
 log = logging.getLogger(__name__)
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO)
 
 _TRAINER_PASSTHROUGH = (
     'run_name', 'max_duration', 'eval_interval', 'eval_subset_num_batches', 'train_subset_num_batches', 'save_folder',
@@ -62,6 +67,28 @@ def _callbacks(cfg: Mapping[str, Any]) -> list[Any]:
     return built
 
 
+def _local_checkpoint_folder(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The run's local checkpoint folder, when it uses Composer's default checkpoint names (else ``None``)."""
+    folder = cfg.get('save_folder')
+    default_names = cfg.get('save_filename') is None and cfg.get('save_latest_filename') is None
+    if folder is None or '://' in folder or not default_names:
+        return None
+    return format_name_with_dist(folder, cfg.get('run_name') or '')
+
+
+def _checkpoint_write_failure(error: BaseException) -> Optional[str]:
+    """Why a checkpoint write failed (disk full, quota, read-only, I/O), or ``None`` for another error."""
+    in_saver = any(frame.filename.endswith(('checkpoint_saver.py', 'utils/checkpoint.py'))
+                   for frame in traceback.extract_tb(error.__traceback__))
+    if not in_saver:
+        return None
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        return os.strerror(error.errno)
+    if isinstance(error, RuntimeError) and 'file write failed' in str(error):  # torch.save's C++ writer
+        return str(error).splitlines()[0]
+    return None
+
+
 def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     """Builds the ``Trainer`` for a config returned by ``composer_kd.config.load_config``.
 
@@ -82,6 +109,11 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     seed = cfg.get('seed', 17)
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
     reproducibility.seed_all(seed)  # the same fresh-model init on every rank
+    folder = _local_checkpoint_folder(cfg)
+    if cfg.get('autoresume') and folder is not None:
+        if dist.get_global_rank() == 0:
+            repair_checkpoint_folder(folder)
+        dist.barrier()
 
     # Missing model folders fail here, before any data or model loads.
     for key, section in [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]:
@@ -155,5 +187,14 @@ def train(cfg: Mapping[str, Any]) -> Trainer:
         log.warning('%s is complete (resumed at %s of %s): nothing to train', cfg.get('run_name', 'the run'),
                     trainer.state.timestamp.get(duration.unit), duration)
     else:
-        trainer.fit()
+        try:
+            trainer.fit()
+        except (OSError, RuntimeError) as e:
+            reason = _checkpoint_write_failure(e)
+            if reason is None:
+                raise
+            folder = _local_checkpoint_folder(cfg) or cfg.get('save_folder')
+            raise TrainingFault(f'save_folder: a checkpoint could not be written to {folder} ({reason}); the '
+                                'checkpoints written before stay loadable: make room and rerun with autoresume: '
+                                'true') from e
     return trainer
