@@ -102,6 +102,21 @@ def test_corrupt_shard_bytes(tmp_path, write_config, workers) -> None:
         record('corrupt shard bytes', line)
 
 
+def test_corrupt_compressed_shard(tmp_path, write_config) -> None:
+    # Streaming decompresses in a background thread; its failure is named by shard, not a thread's traceback.
+    config = write_config(**{'eval_loader': None, 'max_duration': '2ba'})
+    folder = tmp_path / 'data' / 'train'
+    (folder / 'shard.00000.mds').unlink(missing_ok=True)
+    shard = folder / 'shard.00000.mds.zstd'
+    data = bytearray(shard.read_bytes())
+    data[1_000:50_000] = bytes(49_000)
+    shard.write_bytes(bytes(data))
+    status, line = _run_cli('train', str(config))
+    assert status == 2 and 'shard.00000.mds.zstd: shard cannot be prepared (' in line, line
+    assert 'is it corrupt?' in line
+    record('corrupt compressed shard (decompressed by Streaming in a background thread)', line)
+
+
 def _write_tokens(folder: Path, rows: list[np.ndarray]) -> None:
     with MDSWriter(columns={'tokens': 'ndarray:int32'}, out=str(folder)) as writer:
         for row in rows:

@@ -7,7 +7,7 @@ teacher's top-k columns (``teacher_topk.py``); its batches then carry them too.
 
 import functools
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,38 @@ class TokenDataset(StreamingDataset):
         self.teacher_temperature = teacher_temperature
         self.vocab_size = vocab_size
         self._where = os.path.join(kwargs.get('local') or kwargs.get('remote') or '', kwargs.get('split') or '')
+        self._shard_error: Optional[str] = None
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> int:
+        """Streaming's shard download/decompression, remembering why a shard failed (it runs in a thread)."""
+        try:
+            return super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            shard = self.shards[shard_id]
+            name = (shard.zip_data or shard.raw_data).basename
+            self._shard_error = (f'{os.path.join(self._where, name)}: shard cannot be prepared ({type(e).__name__}: '
+                                 f'{str(e).splitlines()[0][:120] if str(e) else ""}); is it corrupt?')
+            raise
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # When a shard fails in Streaming's thread, its loop just ends (an empty epoch) and the next one raises a
+        # RuntimeError pointing at a traceback: raise the named error instead, at once.
+        try:
+            yield from super().__iter__()
+        except RuntimeError as e:
+            if self._shard_error is not None:
+                raise DataError(self._shard_error) from e
+            raise
+        if self._shard_error is not None:
+            raise DataError(self._shard_error)
+
+    def on_exception(self, future: Any) -> None:
+        """Streaming re-raises a thread's error from a future callback (a traceback in the log); when the error is
+        a shard's, stop as Streaming would and let ``__getitem__`` name the shard instead."""
+        if future.exception() is not None and self._shard_error is not None:
+            self._event.set()
+            return
+        super().on_exception(future)
 
     def __del__(self) -> None:
         # Unreachable: give back the shared memory Streaming would otherwise hold until the process exits.
@@ -60,6 +92,8 @@ class TokenDataset(StreamingDataset):
         try:
             sample = super().__getitem__(index)
         except Exception as e:  # a shard that decodes to garbage: name it here, not deep in a worker
+            if self._shard_error is not None:
+                raise DataError(self._shard_error) from e
             raise DataError(f'{self._where}: sample {index} cannot be read ({type(e).__name__}: '
                             f'{str(e).splitlines()[0][:120] if str(e) else ""}); its shard may be corrupt') from e
         if TOKENS_COLUMN not in sample:
