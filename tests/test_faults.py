@@ -20,7 +20,7 @@ from composer_kd.cli import main
 
 def _run_cli(*args: str) -> tuple[int, str]:
     """``python -m composer_kd ARGS`` in a fresh process: exit status and the last line of stderr."""
-    proc = subprocess.run([sys.executable, '-m', 'composer_kd', *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, '-m', 'composer_kd', *args], capture_output=True, text=True, timeout=240)
     lines = proc.stderr.strip().splitlines()
     assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     return proc.returncode, lines[-1] if lines else ''

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
 from torch.utils.data import DataLoader
 
 from composer_kd.data.shard_checks import check_mds_split
@@ -52,10 +53,15 @@ class TokenDataset(StreamingDataset):
         self._shard_error: Optional[str] = None
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> int:
-        """Streaming's shard download/decompression, remembering why a shard failed (it runs in a thread)."""
+        """Streaming's shard download/decompression, remembering why a shard failed (it runs in a thread).
+
+        Streaming 0.13 leaves a shard that failed in the PREPARING state, and every reader waiting for it spins
+        forever; it is set back to REMOTE, so a waiter stops waiting and fails on the shard itself.
+        """
         try:
             return super().prepare_shard(shard_id, blocking)
         except Exception as e:
+            self._shard_states[shard_id] = _ShardState.REMOTE
             shard = self.shards[shard_id]
             name = (shard.zip_data or shard.raw_data).basename
             self._shard_error = (f'{os.path.join(self._where, name)}: shard cannot be prepared ({type(e).__name__}: '
