@@ -97,3 +97,12 @@ def test_the_readme_yaml_parses_and_passes_every_check(tmp_path: Path) -> None:
                 del merged['loggers']['wandb']
                 OmegaConf.save(merged, path)
             check_run_config(load_config(str(path)), world_size=8, gpu=True)
+
+
+def test_eval_interval_zero_means_never_and_format_load_paths_are_not_checked() -> None:
+    cfg = load_config(str(next(p for p in RECIPES if p.name == 'tiny-cpu.yaml')))
+    check_run_config({**cfg, 'eval_interval': 0, 'load_path': './ckpt/latest-rank{rank}.pt'}, world_size=1, gpu=False)
+    with pytest.raises(ConfigError, match='eval_interval must be a positive time'):
+        check_run_config({**cfg, 'eval_interval': -1}, world_size=1, gpu=False)
+    with pytest.raises(ConfigError, match='load_path: no such checkpoint file or folder: ./ckpt/latest.pt'):
+        check_run_config({**cfg, 'load_path': './ckpt/latest.pt'}, world_size=1, gpu=False)

@@ -92,6 +92,8 @@ def check_trainer_values(cfg: Mapping[str, Any]) -> None:
                 'a positive integer')
     _check_time('max_duration', cfg['max_duration'], (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN))
     for key in _INTERVALS:
+        if key == 'eval_interval' and cfg.get(key) == 0 and not isinstance(cfg[key], bool):
+            continue  # Composer's spelling of "never evaluate during training"
         if cfg.get(key) is not None:
             _check_time(key, cfg[key], (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN,
                                         TimeUnit.DURATION))
@@ -103,7 +105,7 @@ def check_trainer_values(cfg: Mapping[str, Any]) -> None:
         value = cfg['save_num_checkpoints_to_keep']
         _expect(is_int(value) and value >= -1, 'save_num_checkpoints_to_keep', value, 'an integer ≥ -1 (-1: keep all)')
     load_path = cfg.get('load_path')
-    if load_path is not None and '://' not in load_path:
+    if load_path is not None and '://' not in load_path and '{' not in load_path:  # not a URI or a format string
         if not os.path.exists(load_path):
             raise ConfigError(f'load_path: no such checkpoint file or folder: {load_path}')
 
