@@ -45,6 +45,9 @@ class TokenDataset(StreamingDataset):
     def __init__(self, max_seq_len: int, teacher_temperature: float = 1.0, vocab_size: Optional[int] = None,
                  **kwargs: Any) -> None:
         raise_open_file_limit()  # every StreamingDataset keeps ~60 descriptors until the process exits
+        local, split = kwargs.get('local'), kwargs.get('split')
+        if local and os.path.isfile(os.path.join(local, split or '', 'index.json')):
+            check_mds_split(local, split, kwargs.get('remote'))  # name a bad index or shard before Streaming reads
         super().__init__(**kwargs)
         self.max_seq_len = max_seq_len
         self.teacher_temperature = teacher_temperature
@@ -196,8 +199,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
 
     Raises:
         ValueError: when there is neither a local split with an ``index.json`` nor a remote to fetch it from.
-        DataError: for a bad index or shard (``shard_checks.check_mds_split``), at build; for a bad sample, when
-            it is read.
+        DataError: for a bad index or shard (``shard_checks.check_mds_split``, run by ``TokenDataset``), at
+            build; for a bad sample, when it is read.
     """
     kwargs = dict(dataset)
     max_seq_len = kwargs.pop('max_seq_len')
@@ -207,8 +210,6 @@ def build_token_dataloader(dataset: Mapping[str, Any],
         if not os.path.isfile(index):
             raise ValueError(f'no MDS dataset at local={local!r} split={split!r} (missing {index}); '
                              'make one with `composer-kd prepare-data`')
-    if local and os.path.isfile(os.path.join(local, split or '', 'index.json')):
-        check_mds_split(local, split, remote)
     dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
                         vocab_size=vocab_size, **kwargs)
     if len(dset) == 0:

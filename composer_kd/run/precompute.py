@@ -32,7 +32,6 @@ from composer.loggers import Logger
 from composer.utils import dist, get_device, reproducibility
 from tqdm import tqdm
 
-from composer_kd.data.shard_checks import check_mds_split
 from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.teacher_topk import (
     encode_sample,
@@ -162,9 +161,6 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key, section in teachers:
         check_model_tokenizer(key, section, tokenizer)
     try:
-        local, split = settings.dataset.get('local'), settings.dataset.get('split')
-        if local and os.path.isfile(os.path.join(local, split or '', 'index.json')):
-            check_mds_split(local, split, settings.dataset.get('remote'))
         source = TokenDataset(max_seq_len=settings.max_seq_len, shuffle=False, batch_size=settings.device_batch_size,
                               vocab_size=vocab, **settings.dataset)
         total = source.num_samples
