@@ -1,31 +1,54 @@
-"""composer-kd: knowledge distillation for language models as a MosaicML Composer plugin."""
+"""composer-kd: knowledge distillation for language models as a MosaicML Composer plugin.
 
-from composer_kd.data.tokens import token_data_spec as token_data_spec
-from composer_kd.errors import ConfigError as ConfigError
-from composer_kd.losses.dense import distillation_loss as distillation_loss
-from composer_kd.losses.divergences import DIVERGENCES as DIVERGENCES
-from composer_kd.losses.ensemble import ensemble_teacher_logits as ensemble_teacher_logits
-from composer_kd.losses.fused import LinearHead as LinearHead
-from composer_kd.losses.fused import fused_distillation_loss as fused_distillation_loss
-from composer_kd.losses.topk import TopKTeacher as TopKTeacher
-from composer_kd.losses.topk import topk_distillation_loss as topk_distillation_loss
-from composer_kd.model.distillation_model import DistillationModel as DistillationModel
-from composer_kd.model.metrics import TeacherDivergenceLoss as TeacherDivergenceLoss
-from composer_kd.model.metrics import TeacherTop1Agreement as TeacherTop1Agreement
+The public names load on first use (PEP 562), so ``composer-kd --help`` and ``import composer_kd`` do not pay for
+torch, Composer and transformers; ``from composer_kd import DistillationModel`` works as usual.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = '0.1.0'
 
-__all__ = [
-    'DIVERGENCES',
-    'ConfigError',
-    'DistillationModel',
-    'LinearHead',
-    'TeacherDivergenceLoss',
-    'TeacherTop1Agreement',
-    'TopKTeacher',
-    'distillation_loss',
-    'ensemble_teacher_logits',
-    'fused_distillation_loss',
-    'token_data_spec',
-    'topk_distillation_loss',
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    'token_data_spec': 'composer_kd.data.tokens',
+    'ConfigError': 'composer_kd.errors',
+    'distillation_loss': 'composer_kd.losses.dense',
+    'DIVERGENCES': 'composer_kd.losses.divergences',
+    'ensemble_teacher_logits': 'composer_kd.losses.ensemble',
+    'LinearHead': 'composer_kd.losses.fused',
+    'fused_distillation_loss': 'composer_kd.losses.fused',
+    'TopKTeacher': 'composer_kd.losses.topk',
+    'topk_distillation_loss': 'composer_kd.losses.topk',
+    'DistillationModel': 'composer_kd.model.distillation_model',
+    'TeacherDivergenceLoss': 'composer_kd.model.metrics',
+    'TeacherTop1Agreement': 'composer_kd.model.metrics',
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from composer_kd.data.tokens import token_data_spec as token_data_spec
+    from composer_kd.errors import ConfigError as ConfigError
+    from composer_kd.losses.dense import distillation_loss as distillation_loss
+    from composer_kd.losses.divergences import DIVERGENCES as DIVERGENCES
+    from composer_kd.losses.ensemble import ensemble_teacher_logits as ensemble_teacher_logits
+    from composer_kd.losses.fused import LinearHead as LinearHead
+    from composer_kd.losses.fused import fused_distillation_loss as fused_distillation_loss
+    from composer_kd.losses.topk import TopKTeacher as TopKTeacher
+    from composer_kd.losses.topk import topk_distillation_loss as topk_distillation_loss
+    from composer_kd.model.distillation_model import DistillationModel as DistillationModel
+    from composer_kd.model.metrics import TeacherDivergenceLoss as TeacherDivergenceLoss
+    from composer_kd.model.metrics import TeacherTop1Agreement as TeacherTop1Agreement
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

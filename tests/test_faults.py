@@ -201,3 +201,15 @@ def test_nonfinite_batches_are_skipped_on_request(tmp_path, tiny_assets, write_c
     assert rows and rows[-1].endswith(f',{skipped}') or rows[-1].endswith(f',{float(skipped)}'), rows[-1:]
     record('NaN in the teacher\'s logits with on_nonfinite: skip_batch', f'exit 0; {skipped} of 8 batches skipped, '
            'counted in nonfinite/skipped_batches', lost=f'the {skipped} skipped batches (by request)')
+
+
+def test_a_failed_fit_turns_garbage_collection_back_on(capsys, tmp_path, tiny_assets, write_config) -> None:
+    """scheduled_gc disables GC for fit; Composer runs no event when fit raises, so a notebook would keep GC off."""
+    import gc
+    config = write_config(**{'eval_loader': None, 'max_duration': '8ba', 'save_interval': '8ba',
+                             'train_loader.dataset.shuffle': False, 'callbacks': {'scheduled_gc': {}}})
+    teacher = _nan_teacher(tiny_assets, tmp_path / 'nan-teacher', _rare_token(tmp_path / 'data'))
+    assert gc.isenabled()
+    assert main(['train', str(config), f'model.teacher.pretrained_model_name_or_path={teacher}']) == 1
+    assert 'non-finite loss at step' in capsys.readouterr().err
+    assert gc.isenabled()

@@ -16,6 +16,10 @@ __all__ = ['ScheduledGarbageCollector']
 class ScheduledGarbageCollector(Callback):
     """Disables automatic GC during ``fit`` and collects every ``batch_interval`` batches and around eval.
 
+    Composer runs no event when ``fit`` raises, so GC would stay off in a notebook after a failed run: ``close``
+    (``Trainer.close()``, which ``composer_kd.run.train.train`` calls when ``fit`` raises, and Composer's exit hook)
+    turns it back on.
+
     Args:
         batch_interval (int): collect after every this many batches. Default: ``100``.
         generation (int): oldest generation collected (0–2). Default: ``1``.
@@ -38,8 +42,15 @@ class ScheduledGarbageCollector(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         gc.collect(self.generation)
+        self._restore()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         if self._was_enabled:
             gc.enable()
+        self._was_enabled = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) % self.batch_interval == 0:

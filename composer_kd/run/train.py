@@ -189,8 +189,9 @@ def train(cfg: Mapping[str, Any]) -> Trainer:
     else:
         try:
             trainer.fit()
-        except (OSError, RuntimeError) as e:
-            reason = _checkpoint_write_failure(e)
+        except BaseException as e:
+            trainer.close()  # Composer runs no event when fit raises: callbacks restore state (GC) in close
+            reason = _checkpoint_write_failure(e) if isinstance(e, (OSError, RuntimeError)) else None
             if reason is None:
                 raise
             folder = _local_checkpoint_folder(cfg) or cfg.get('save_folder')
