@@ -37,3 +37,34 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
                             resources={'metadata': {'path': str(tmp_path)}})
     client.execute()
     assert (tmp_path / 'notebook' / EXPORTS[path.name] / 'config.json').is_file()
+
+
+def test_notebooks_find_the_quickstart_wherever_jupyter_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from composer_kd.quickstart import notebook_folders
+    repo = tmp_path / 'clone'
+    (repo / 'notebooks').mkdir(parents=True)
+    (repo / 'pyproject.toml').write_text('[project]\nname = "composer-kd"\n')
+    monkeypatch.delenv('QUICKSTART_OUT', raising=False)
+    monkeypatch.delenv('NOTEBOOK_OUT', raising=False)
+    # Jupyter started in notebooks/: the repository root, not a second quickstart under notebooks/.
+    assert notebook_folders(fast=True, start=repo / 'notebooks') == (repo / 'quickstart-out-fast',
+                                                                   repo / 'notebook-out')
+    # Started anywhere below an existing quickstart output: that one.
+    (tmp_path / 'work' / 'quickstart-out').mkdir(parents=True)
+    (tmp_path / 'work' / 'a' / 'b').mkdir(parents=True)
+    assert notebook_folders(start=tmp_path / 'work' / 'a' / 'b')[0] == tmp_path / 'work' / 'quickstart-out'
+    # Nothing found: the current folder.
+    (tmp_path / 'elsewhere').mkdir()
+    assert notebook_folders(start=tmp_path / 'elsewhere')[0] == tmp_path / 'elsewhere' / 'quickstart-out'
+    # The environment, then the parameters cell, win.
+    monkeypatch.setenv('QUICKSTART_OUT', str(tmp_path / 'env'))
+    assert notebook_folders(start=repo / 'notebooks')[0] == tmp_path / 'env'
+    assert notebook_folders(str(tmp_path / 'cell'), start=repo / 'notebooks')[0] == tmp_path / 'cell'
+
+
+def test_notebooks_take_a_parameters_cell() -> None:
+    for path in NOTEBOOKS:
+        cells = nbformat.read(path, as_version=4).cells
+        first_code = next(c for c in cells if c.cell_type == 'code')
+        assert 'parameters' in first_code.metadata.get('tags', []), path.name
+        assert 'QUICKSTART_OUT = None' in first_code.source, path.name

@@ -91,7 +91,8 @@ def test_bad_inputs(capfd, tmp_path: Path, fast_run: Path) -> None:
     _fails(capfd, ['--out', str(tmp_path / 'busy')], "holds 'thesis.tex', which is not from a quickstart run")
     _fails(capfd, ['--out', str(tmp_path / 'new'), '--corpus', str(tmp_path / 'nowhere')],
            'point --corpus at a folder')
-    _fails(capfd, ['--out', str(fast_run), '--seed', '3'], 'holds a quickstart run with other settings')
+    # The sizes of --fast made the shared stages: the default sizes need another folder (a seed does not).
+    assert_cli_error(capfd, ['quickstart', '--out', str(fast_run)], 'holds a quickstart run with other settings (')
 
 
 def test_disk_full_keeps_complete_stages(capfd, monkeypatch, tmp_path: Path, fast_run: Path) -> None:
@@ -106,3 +107,22 @@ def test_disk_full_keeps_complete_stages(capfd, monkeypatch, tmp_path: Path, fas
     _fails(capfd, ['--out', str(out)], '[data] no space left on the device')
     assert (out / 'tokenizer' / 'done.json').is_file() and not (out / 'data').exists()
     assert not list(out.glob('.data.partial-*'))
+
+
+def test_a_sweep_reuses_the_shared_stages(capfd, tmp_path: Path, fast_run: Path) -> None:
+    out = tmp_path / 'out'
+    shutil.copytree(fast_run, out, symlinks=True)
+    before = (out / 'results.json').read_text()
+    assert main(['quickstart', '--fast', '--out', str(out), '--seed', '18', '--temperature', '2']) == 0
+    printed = capfd.readouterr().out
+    for stage in quickstart.SHARED_STAGES:
+        assert f'[{stage}] complete from an earlier run, skipped' in printed
+    assert '[teacher_topk-T2] ...' in printed  # the top-k of another temperature is precomputed once
+    variant = out / quickstart.setting_folder(18, 0.1, 2.0, 'forward_kl')
+    assert variant == out / 'variants' / 'seed18-alpha0.1-T2-forward_kl'
+    results = json.loads((variant / 'results.json').read_text())
+    assert results['settings']['seed'] == 18 and results['settings']['temperature'] == 2.0
+    assert results['distilled_student'] == str(variant / 'distilled' / 'model')
+    assert (out / 'results.json').read_text() == before  # the default setting's report is untouched
+    meta = json.loads((out / 'teacher_topk-T2' / 'data' / 'train' / 'teacher_topk.json').read_text())
+    assert 2.0 in meta['temperatures']

@@ -16,6 +16,12 @@ Stages (each written to ``OUT/<stage>`` all at once, and skipped when a rerun fi
 11. ``baseline_equal_time_offline``: the same for stage 8.
 
 Then a report: a table, ``results.json`` and ``eval_curves.png``.
+
+Sweeps share what does not depend on the students' settings: stages 1–4 serve every ``--seed``, ``--alpha``,
+``--temperature`` and ``--divergence``, stage 5 every setting with the same temperature (``teacher_topk-T1.5``
+for T 1.5). Stages 6–11 and the report of the default setting (seed 17, alpha 0.1, T 1, forward KL) sit in
+``OUT``; any other setting's in ``OUT/variants/seed18-alpha0.1-T1-forward_kl`` and so on. ``OUT/settings.json``
+records what the shared stages were made with (``--fast`` sizes, corpus); a rerun that changes those is refused.
 """
 
 import dataclasses
@@ -38,9 +44,12 @@ from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
 __all__ = ['Sizes', 'DEFAULT', 'FAST', 'run_quickstart']
 
 VAL_FRACTION = 0.05
-STAGES = ('corpus', 'tokenizer', 'data', 'teacher', 'teacher_topk', 'step_costs', 'distilled', 'distilled_offline',
-          'baseline', 'baseline_equal_time', 'baseline_equal_time_offline')
-OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json')
+SHARED_STAGES = ('corpus', 'tokenizer', 'data', 'teacher')  # whatever the students' settings
+SETTING_STAGES = ('step_costs', 'distilled', 'distilled_offline', 'baseline', 'baseline_equal_time',
+                  'baseline_equal_time_offline')
+STAGES = (*SHARED_STAGES, 'teacher_topk', *SETTING_STAGES)
+OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json', 'variants')
+DEFAULT_SETTING = {'seed': 17, 'alpha': 0.1, 'temperature': 1.0, 'divergence': 'forward_kl'}
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'turtledemo', 'tkinter', 'lib2to3', 'ensurepip',
                            '__pycache__'})
 
@@ -73,23 +82,36 @@ def corpus_files(folder: str, max_files: Optional[int]) -> list[str]:
     return found[:max_files] if max_files else found
 
 
-def _check_out(out: Path) -> None:
+def topk_stage(temperature: float) -> str:
+    """The ``teacher_topk`` stage's folder for a distillation temperature (1 is the plain name)."""
+    return 'teacher_topk' if temperature == 1.0 else f'teacher_topk-T{temperature:g}'
+
+
+def setting_folder(seed: int, alpha: float, temperature: float, divergence: str) -> str:
+    """Where a setting's student stages and report go, relative to ``OUT`` (``''`` for the default setting)."""
+    if {'seed': seed, 'alpha': alpha, 'temperature': temperature, 'divergence': divergence} == DEFAULT_SETTING:
+        return ''
+    return f'variants/seed{seed}-alpha{alpha:g}-T{temperature:g}-{divergence}'
+
+
+def _check_out(out: Path, variant: Path) -> None:
     """Refuses an unwritable ``out`` or one holding anything but quickstart stages; drops interrupted stages."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / '.write-test'
+        variant.mkdir(parents=True, exist_ok=True)
+        probe = variant / '.write-test'
         probe.write_text('ok')
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f'--out: cannot write to {out}: {e.strerror}') from e
+        raise ConfigError(f'--out: cannot write to {variant}: {e.strerror}') from e
     known = set(STAGES) | set(OWN_FILES)
-    for entry in sorted(out.iterdir()):
-        if '.partial-' in entry.name:  # a stage killed mid-way: it restarts from scratch
-            print(f'removing the interrupted stage {entry.name}')
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name not in known:
-            raise ConfigError(f'--out: {out} holds {entry.name!r}, which is not from a quickstart run; '
-                              'use an empty or new folder')
+    for folder in dict.fromkeys((out, variant)):
+        for entry in sorted(folder.iterdir()):
+            if '.partial-' in entry.name:  # a stage killed mid-way: it restarts from scratch
+                print(f'removing the interrupted stage {entry.name}')
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name not in known and not entry.name.startswith('teacher_topk-T') and folder == out:
+                raise ConfigError(f'--out: {out} holds {entry.name!r}, which is not from a quickstart run; '
+                                  'use an empty or new folder')
 
 
 def _stage(out: Path, name: str, make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -127,14 +149,19 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
         raise ConfigError(f'no standard library folder to read at {source!r}; point --corpus at a folder of text or '
                           '.py files instead')
     out_path = Path(out).resolve()
-    _check_out(out_path)
-    settings = {'fast': fast, 'seed': seed, 'alpha': alpha, 'temperature': temperature, 'divergence': divergence,
-                **dataclasses.asdict(sizes)}
+    variant = out_path / setting_folder(seed, alpha, temperature, divergence)
+    _check_out(out_path, variant)
+    shared = json.loads(json.dumps({'fast': fast, 'corpus': source, **dataclasses.asdict(sizes)}))
     settings_file = out_path / 'settings.json'
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(settings)):
-        raise ConfigError(f'--out: {out_path} holds a quickstart run with other settings ({settings_file}); '
-                          'use another folder')
-    settings_file.write_text(json.dumps(settings, indent=1))
+    if settings_file.is_file():
+        made = json.loads(settings_file.read_text())
+        changed = sorted(k for k in shared if k in made and made[k] != shared[k])
+        if changed:
+            raise ConfigError(f'--out: {out_path} holds a quickstart run with other settings ({", ".join(changed)} '
+                              f'differ, {settings_file}); --seed, --alpha, --temperature and --divergence may change, '
+                              'the rest needs another folder')
+    settings_file.write_text(json.dumps(shared, indent=1))
+    settings = {**shared, 'seed': seed, 'alpha': alpha, 'temperature': temperature, 'divergence': divergence}
 
     def make_corpus(folder: Path) -> dict[str, Any]:
         files = corpus_files(source, sizes.max_files)
@@ -170,18 +197,19 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
 
     records['teacher'] = _stage(out_path, 'teacher', lambda f: train_run(
         out_path, f, 'teacher.yaml', *common, sizes.teacher, sizes.teacher_steps, 17))
-    records['teacher_topk'] = _stage(out_path, 'teacher_topk', lambda f: precompute_run(
-        out_path, f, sizes.max_seq_len, sizes.top_k))
-    records['step_costs'] = _stage(out_path, 'step_costs', lambda f: step_costs_run(
-        out_path, sizes.max_seq_len, vocab_size, sizes.student, seed, distillation, sizes.top_k, sizes.cost_rounds,
-        max(1, sizes.cost_rounds // 6)))
-    records['distilled'] = _stage(out_path, 'distilled', lambda f: student(f, sizes.student_steps, distillation))
-    records['distilled_offline'] = _stage(out_path, 'distilled_offline', lambda f: student(
-        f, sizes.student_steps, (*distillation, *offline_overrides(out_path))))
-    records['baseline'] = _stage(out_path, 'baseline', lambda f: student(f, sizes.student_steps, labels_only))
+    topk = out_path / topk_stage(temperature)
+    records['teacher_topk'] = _stage(out_path, topk.name, lambda f: precompute_run(
+        out_path, f, sizes.max_seq_len, sizes.top_k, temperature))
+    records['step_costs'] = _stage(variant, 'step_costs', lambda f: step_costs_run(
+        out_path, topk, sizes.max_seq_len, vocab_size, sizes.student, seed, distillation, sizes.top_k,
+        sizes.cost_rounds, max(1, sizes.cost_rounds // 6)))
+    records['distilled'] = _stage(variant, 'distilled', lambda f: student(f, sizes.student_steps, distillation))
+    records['distilled_offline'] = _stage(variant, 'distilled_offline', lambda f: student(
+        f, sizes.student_steps, (*distillation, *offline_overrides(topk))))
+    records['baseline'] = _stage(variant, 'baseline', lambda f: student(f, sizes.student_steps, labels_only))
     # Label-only steps that cost what the distillation run's steps cost, by the paired measurement.
     ratio = records['step_costs']['ratio']
     for kind, stage in (('online', 'baseline_equal_time'), ('offline', 'baseline_equal_time_offline')):
         steps = max(1, round(sizes.student_steps * ratio[kind]))
-        records[stage] = _stage(out_path, stage, lambda f, steps=steps: student(f, steps, labels_only))
-    return write_report(out_path, records, settings)
+        records[stage] = _stage(variant, stage, lambda f, steps=steps: student(f, steps, labels_only))
+    return write_report(out_path, variant, records, settings)

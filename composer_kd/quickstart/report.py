@@ -101,17 +101,25 @@ def _precompute_accounting(records: Mapping[str, Any], student_steps: int) -> di
     }
 
 
-def write_report(out: Path, records: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+def write_report(shared: Path, out: Path, records: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluates every model on the first ``EVAL_SAMPLES`` val samples; writes ``results.json`` and
-    ``eval_curves.png``; prints the table; returns the results."""
-    tokenizer, data = str(out / 'tokenizer' / 'tokenizer'), str(out / 'data' / 'mds')
-    teacher = str(out / 'teacher' / 'model')
+    ``eval_curves.png`` into ``out`` (the students' stages); prints the table; returns the results.
+
+    Args:
+        shared (Path): the folder of the stages every setting shares (tokenizer, data, teacher).
+        out (Path): the folder of this setting's stages.
+        records (Mapping): each stage's record.
+        settings (Mapping): the run's settings, recorded in ``results.json``.
+    """
+    tokenizer, data = str(shared / 'tokenizer' / 'tokenizer'), str(shared / 'data' / 'mds')
+    teacher = str(shared / 'teacher' / 'model')
     ratio = records['step_costs']['ratio']
     costs = {'baseline': 1.0, 'baseline_equal_time': 1.0, 'baseline_equal_time_offline': 1.0,
              'distilled': ratio['online'], 'distilled_offline': ratio['offline']}
     models: dict[str, Any] = {}
     for key, _ in ROWS:
-        metrics = evaluate_student(str(out / key / 'model'), tokenizer, data, settings['max_seq_len'],
+        folder = (shared if key == 'teacher' else out) / key / 'model'
+        metrics = evaluate_student(str(folder), tokenizer, data, settings['max_seq_len'],
                                    teacher_dir=None if key == 'teacher' else teacher, max_samples=EVAL_SAMPLES)
         record = records[key]
         models[key] = {

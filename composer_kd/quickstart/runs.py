@@ -35,9 +35,9 @@ def _overrides(out: Path, max_seq_len: int, eval_interval: int, vocab_size: int,
     ]
 
 
-def offline_overrides(out: Path) -> tuple[str, ...]:
-    """``student.yaml`` distilled from the ``teacher_topk`` stage's data instead of the teacher model."""
-    data = out / 'teacher_topk' / 'data'
+def offline_overrides(topk: Path) -> tuple[str, ...]:
+    """``student.yaml`` distilled from a ``teacher_topk`` stage's data (``topk/data``) instead of the teacher model."""
+    data = topk / 'data'
     return ('model.teacher.precomputed=true', f'train_loader.dataset.local={data}', f'eval_loader.dataset.local={data}')
 
 
@@ -64,21 +64,23 @@ def train_run(out: Path, folder: Path, recipe: str, max_seq_len: int, eval_inter
     return {'steps': steps, 'wall_s': wall, 'tokens': tokens, 'tokens_per_s': tokens / wall, 'eval_curve': curve}
 
 
-def precompute_run(out: Path, folder: Path, max_seq_len: int, top_k: int) -> dict[str, Any]:
+def precompute_run(out: Path, folder: Path, max_seq_len: int, top_k: int, temperature: float = 1.0) -> dict[str, Any]:
     """``composer-kd precompute-teacher`` with ``teacher_topk.yaml`` over the train and val splits into
-    ``folder/data``; returns the wall time and each split's summary."""
+    ``folder/data`` (recording ``temperature`` besides 1); returns the wall time and each split's summary."""
     start = time.perf_counter()
     splits = {}
     for split in ('train', 'val'):
         overrides = [f'variables.out={out}', f'variables.max_seq_len={max_seq_len}', f'variables.split={split}',
                      f'variables.top_k={top_k}', f'variables.logprobs={LOGPROBS}',
                      f'variables.topk_out={folder / "data"}']
+        if temperature != 1.0:
+            overrides.append(f'precompute.temperatures=[1.0,{temperature}]')
         summary = precompute_teacher(load_precompute_config(str(RECIPES / 'teacher_topk.yaml'), overrides))
         splits[split] = {k: summary[k] for k in ('samples', 'tokens', 'bytes', 'bytes_per_token', 'wall_s')}
     return {'wall_s': time.perf_counter() - start, 'top_k': top_k, 'logprobs': LOGPROBS, 'splits': splits}
 
 
-def step_costs_run(out: Path, max_seq_len: int, vocab_size: int, model: tuple[int, int, int], seed: int,
+def step_costs_run(out: Path, topk: Path, max_seq_len: int, vocab_size: int, model: tuple[int, int, int], seed: int,
                    distillation: Sequence[str], top_k: int, rounds: int, warmup: int) -> dict[str, Any]:
     """Paired step costs of the quickstart's students (labels only, online, offline) and of a precompute batch.
 
@@ -93,7 +95,7 @@ def step_costs_run(out: Path, max_seq_len: int, vocab_size: int, model: tuple[in
     trainers = {
         'labels_only': build_trainer(load_config(recipe, [*base, *labels_only, no_eval])),
         'online': build_trainer(load_config(recipe, [*base, *distillation, no_eval])),
-        'offline': build_trainer(load_config(recipe, [*base, *distillation, *offline_overrides(out), no_eval])),
+        'offline': build_trainer(load_config(recipe, [*base, *distillation, *offline_overrides(topk), no_eval])),
     }
     steps = {name: training_step(trainer) for name, trainer in trainers.items()}
     teacher = AutoModelForCausalLM.from_pretrained(out / 'teacher' / 'model')
