@@ -16,6 +16,21 @@ __all__ = ['main']
 
 def _train(args: argparse.Namespace) -> None:
     from composer_kd.run.config import load_config
+    if not args.check and (args.world_size is not None or args.device is not None):
+        raise ConfigError('--world-size and --device describe the run for --check; the launcher sets them for a run')
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(f'--world-size must be a positive number of processes, got {args.world_size}')
+    if args.check:
+        import os
+
+        import torch
+
+        from composer_kd.run.train import check_only
+        world_size = args.world_size or int(os.environ.get('WORLD_SIZE', '1'))
+        gpu = torch.cuda.is_available() if args.device is None else args.device == 'gpu'
+        line = check_only(load_config(args.config, args.overrides), world_size, gpu, os.environ.get('FSDP_VERSION'))
+        print(f'{args.config}: OK for {line}')
+        return
     from composer_kd.run.train import train
     train(load_config(args.config, args.overrides)).close()
 
@@ -74,12 +89,13 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _config_command(commands: Any, name: str, run: Callable[[argparse.Namespace], None], config_help: str,
-                    example: str, help_text: str) -> None:
+                    example: str, help_text: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config and dot-list overrides."""
     p = commands.add_parser(name, help=help_text)
     p.add_argument('config', help=config_help)
     p.add_argument('overrides', nargs='*', help=f'dot-list overrides, e.g. {example}')
     p.set_defaults(run=run)
+    return p
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                             'a student from the teacher online and from its precomputed top-k, compare both with '
                             'label-only students of equal cost and report (no network)')
     p.add_argument('--out', default='quickstart-out', help='output folder; a rerun skips complete stages')
-    p.add_argument('--fast', action='store_true', help='small sizes, under 2 minutes (same code path)')
+    p.add_argument('--fast', action='store_true', help='toy sizes, about 30 seconds on 2 CPU cores (same code path)')
     p.add_argument('--corpus', default=None, help='folder of .py files to use instead of the standard library')
     p.add_argument('--seed', type=int, default=17,
                    help='seed of the student runs (default 17; the teacher is always seeded 17)')
@@ -100,9 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--divergence', default='forward_kl', help='distillation divergence (default forward_kl)')
     p.set_defaults(run=_quickstart)
 
-    _config_command(commands, 'train', _train, 'YAML run config', 'optimizer.lr=1e-4 max_duration=10ba',
-                    'train from a YAML run config (launch many processes with `composer -n N -m composer_kd train '
-                    '...`)')
+    p = _config_command(commands, 'train', _train, 'YAML run config', 'optimizer.lr=1e-4 max_duration=10ba',
+                        'train from a YAML run config (launch many processes with `composer -n N -m composer_kd '
+                        'train ...`)')
+    p.add_argument('--check', action='store_true', help='check the config as the run would, then stop: loads no '
+                   'tokenizer, data or model (a laptop can check a cluster recipe)')
+    p.add_argument('--world-size', type=int, default=None, help='with --check: the run\'s number of processes '
+                   '(default: $WORLD_SIZE, else 1)')
+    p.add_argument('--device', choices=('gpu', 'cpu'), default=None, help='with --check: the run\'s devices '
+                   '(default: this machine\'s)')
     _config_command(commands, 'rounds', _rounds, 'YAML run config with a rounds: list', 'optimizer.lr=1e-4 (every '
                     'round)', 'multi-round distillation: the config\'s `rounds:` list, each round a train run with '
                     'its overrides, distilled from the previous round\'s student (many processes: `composer -n N -m '
@@ -162,7 +184,13 @@ def _one_line(error: Exception) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the CLI; returns the process exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first option: `train cfg.yaml --check a=b` leaves a=b over.
+    if extra and hasattr(args, 'overrides') and all('=' in e and not e.startswith('-') for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f'unrecognized arguments: {" ".join(extra)}')
     try:
         args.run(args)
     except ConfigError as e:

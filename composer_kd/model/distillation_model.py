@@ -21,6 +21,7 @@ from composer_kd.losses.fused import LinearHead, fused_distillation_loss
 from composer_kd.losses.fused_stats import fused_token_sums
 from composer_kd.losses.liger import liger_distillation_loss, liger_refusal
 from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses
+from composer_kd.model.flops import forward_flops, matmul_params
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.head_tap import HeadTap
@@ -141,6 +142,16 @@ class DistillationModel(HuggingFaceModel):
         # A list while ``PerSampleLog`` records the current batch: each microbatch's loss appends its samples.
         self.sample_records: Optional[list[dict[str, torch.Tensor]]] = None
         prepare_for_fsdp(student, frozen=False)
+        # Sized now: once FSDP shards the models a rank holds only its share.
+        self._flops_shapes = [(matmul_params(m), m.config.num_hidden_layers, m.config.hidden_size)
+                              for m in (student, *teachers)]
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        """Model FLOPs of one training batch (Composer's ``speed_monitor`` turns them into FLOP/s and MFU): the
+        student's forward and backward (3 forwards) and each teacher model's forward (``model/flops.py``)."""
+        batch_size, seq_len = batch['input_ids'].shape[:2]
+        (student, *teachers) = [forward_flops(*shape, batch_size, seq_len) for shape in self._flops_shapes]
+        return 3 * student + sum(teachers)
 
     def set_loss_settings(self, alpha: Optional[float] = None, temperature: Optional[float] = None) -> None:
         """Changes alpha and/or the temperature of the loss (and of ``TeacherDivergenceLoss``) from the next
@@ -305,14 +316,23 @@ class DistillationModel(HuggingFaceModel):
             metric.update(student_logits, targets)
 
     # -- checkpoints: the student only ---------------------------------------------------------------------
+    def _whole_model(self) -> bool:
+        """Composer clears ``should_save_peft_only`` while it broadcasts rank 0's weights to ranks built on
+        ``meta`` (FSDP2 ``sync_module_states``, ``init_device: mixed``): then the teachers travel too."""
+        return self.should_save_peft_only is False
+
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._whole_model():
+            return state
         for key in [k for k in state if k.startswith(tuple(prefix + p for p in _TEACHER_PREFIXES))]:
             del state[key]
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         # Keep torch's signature: torch.distributed.checkpoint calls it with keywords (FSDP2 autoresume).
+        if self._whole_model():
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         student_state = {k: v for k, v in state_dict.items() if not k.startswith(_TEACHER_PREFIXES)}
         result = super().load_state_dict(student_state, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(_TEACHER_PREFIXES)]

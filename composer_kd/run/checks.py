@@ -8,6 +8,7 @@ from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
 from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_ensemble_weights
+from composer_kd.run.config import teacher_entries
 from composer_kd.run.object_checks import check_registered_objects
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 from composer_kd.run.value_checks import check_loader_values, check_trainer_values
@@ -109,6 +110,22 @@ def check_fsdp(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version:
                           'on CPU with gloo) or remove fsdp_config to use DDP')
 
 
+def check_init_devices(cfg: Mapping[str, Any], world_size: int, gpu: bool) -> None:
+    """``init_device: mixed`` / ``meta`` need FSDP to fill the empty weights (and ``meta`` a GPU)."""
+    model = cfg['model']
+    sections = [('model.student', model['student'])] if model.get('student') is not None else []
+    for key, section in sections + teacher_entries(model):
+        device = section.get('init_device', 'cpu')
+        if device == 'cpu' or (device == 'mixed' and world_size == 1):
+            continue
+        if world_size == 1 or cfg.get('fsdp_config') is None:
+            raise ConfigError(f'{key}.init_device: {device} needs fsdp_config and more than one process (FSDP fills '
+                              'the ranks\' empty weights); use init_device: cpu')
+        if device == 'meta' and not gpu:
+            raise ConfigError(f'{key}.init_device: meta needs CUDA (Composer 0.32.1 initialises meta weights on the '
+                              'GPU); on CPU use init_device: mixed or cpu')
+
+
 def _check_callbacks(cfg: Mapping[str, Any]) -> None:
     for name, kwargs in (cfg.get('callbacks') or {}).items():
         kwargs = kwargs or {}
@@ -176,6 +193,7 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
         raise ConfigError('autoresume: true needs a run_name (it names the run whose checkpoints are resumed)')
     sizes = _batch_sizes(cfg, world_size, gpu)
     check_fsdp(cfg, world_size, gpu, fsdp_version)
+    check_init_devices(cfg, world_size, gpu)
 
     distillation = dict(cfg['model'].get('distillation') or {})
     distillation.pop('ensemble', None)

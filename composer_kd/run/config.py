@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer_kd.errors import ConfigError
+from composer_kd.run.model_section import MODEL_KEYS
 from composer_kd.run.recipes import resolve_config_path, shipped_recipes
 
 __all__ = [
@@ -33,10 +34,7 @@ TOP_LEVEL_KEYS = frozenset(REQUIRED_KEYS) | {
     'log_to_console', 'console_log_interval', 'python_log_level', 'dist_timeout', 'on_nonfinite'
 }
 
-HF_MODEL_KEYS = frozenset({
-    'pretrained_model_name_or_path', 'config', 'config_overrides', 'torch_dtype', 'attn_implementation',
-    'trust_remote_code'
-})
+HF_MODEL_KEYS = MODEL_KEYS  # LLM Foundry's hf_causal_lm keys and ours (run/model_section.py)
 
 _SECTIONS: dict[str, frozenset[str]] = {
     'model': frozenset({'student', 'teacher', 'teachers', 'distillation'}),

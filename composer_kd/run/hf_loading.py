@@ -5,13 +5,16 @@ import os
 from typing import Any, Mapping, Optional
 
 import torch
+from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_utils import init_empty_weights
 
 from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
 from composer_kd.run.checks import check_ensemble, has_teacher
 from composer_kd.run.config import teacher_entries
+from composer_kd.run.model_section import attention, check_model_section, hub_kwargs, init_device, loads_weights
 
 __all__ = [
     'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer',
@@ -52,55 +55,86 @@ def build_tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
 def _dtype(key: str, value: Optional[str]) -> Optional[torch.dtype]:
     if value is None or value == 'auto':
         return value  # type: ignore[return-value]
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f'{key}.torch_dtype: not a torch dtype: {value!r} (e.g. float32, bfloat16)')
-    return dtype
+    return getattr(torch, str(value))  # checked by check_model_section
+
+
+def _is_main_rank() -> bool:
+    return dist.get_global_rank() == 0
+
+
+def _set_param_init(model: PreTrainedModel) -> None:
+    """Composer initialises weights built on ``meta`` module by module once sharded, through ``param_init_fn``
+    (FSDP2 ``meta_init``, FSDP1 ``_param_init_fn``); Hugging Face models initialise with ``_init_weights``."""
+    model.param_init_fn = model._init_weights
 
 
 def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
-    """Loads ``pretrained_model_name_or_path`` or builds a fresh model from ``config`` (a dict with
-    ``model_type``); ``config_overrides`` patch either config.
+    """Loads ``pretrained_model_name_or_path`` or builds a fresh model from ``config`` (a dict with ``model_type``)
+    or from the saved config alone (``pretrained: false``); ``config_overrides`` patch either config.
+
+    ``init_device`` (LLM Foundry's): ``cpu`` loads on every rank; ``mixed`` loads on rank 0 only and builds empty
+    (``meta``) weights elsewhere, which FSDP fills from rank 0 when it shards the model; ``meta`` builds empty weights
+    everywhere, initialised once sharded (a fresh model only).
 
     Args:
         key (str): the config path of this section, for messages (``model.student``).
         cfg (Mapping): the section.
     """
+    check_model_section(key, cfg)
     source, config_dict = cfg.get('pretrained_model_name_or_path'), cfg.get('config')
-    if (source is None) == (config_dict is None):
-        raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or config '
-                          '(a from-scratch model)')
     kwargs: dict[str, Any] = {'trust_remote_code': bool(cfg.get('trust_remote_code', False))}
-    if cfg.get('attn_implementation') is not None:
-        kwargs['attn_implementation'] = cfg['attn_implementation']
+    if attention(cfg) is not None:
+        kwargs['attn_implementation'] = attention(cfg)
     overrides = dict(cfg.get('config_overrides') or {})
+    hub = hub_kwargs(cfg)
+    device = init_device(cfg)
+    empty = device == 'meta' or (device == 'mixed' and not _is_main_rank())
+    dtype = _dtype(key, cfg.get('torch_dtype'))
     try:
         if source is not None:
             source = _check_source(f'{key}.pretrained_model_name_or_path', source)
-            config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs['trust_remote_code'], **overrides)
-            model = AutoModelForCausalLM.from_pretrained(source,
-                                                         config=config,
-                                                         torch_dtype=_dtype(key, cfg.get('torch_dtype')),
-                                                         **kwargs)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs['trust_remote_code'], **hub,
+                                                **overrides)
         else:
-            if not isinstance(config_dict, Mapping) or 'model_type' not in config_dict:
-                raise ConfigError(f'{key}.config must be a mapping with a model_type, got {config_dict!r}')
             fields = dict(config_dict)
             config = AutoConfig.for_model(fields.pop('model_type'), **fields, **overrides)
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=_dtype(key, cfg.get('torch_dtype')), **kwargs)
+        if empty:  # parameters on meta, buffers (rotary tables) real: FSDP's init or broadcast fills the weights
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **kwargs)
+            model.tie_weights()  # Hugging Face's tying does not take on meta (LLM Foundry ties again too)
+        elif loads_weights(cfg):
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, torch_dtype=dtype, **hub, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f'{key}: cannot build the model: {str(e).splitlines()[0]}') from e
+    if device != 'cpu':
+        _set_param_init(model)
     return model
 
 
+def _model_tokenizer(source: str, cfg: Mapping[str, Any]) -> Optional[PreTrainedTokenizerBase]:
+    """The tokenizer a model folder or Hub repository ships, or ``None`` when it ships none."""
+    if os.path.isdir(os.path.expanduser(source)):
+        if not any(os.path.isfile(os.path.join(os.path.expanduser(source), f)) for f in _TOKENIZER_FILES):
+            return None
+        return AutoTokenizer.from_pretrained(os.path.expanduser(source))
+    try:  # a Hub id: its tokenizer, from the cache or the Hub (a repository without one raises OSError)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get('trust_remote_code', False)),
+                                             **hub_kwargs(cfg))
+    except (OSError, ValueError):
+        return None
+
+
 def check_model_tokenizer(key: str, cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuses a model folder that ships a tokenizer mapping any token to another id than the run's."""
+    """Refuses a model (folder or Hub id) whose tokenizer maps any token to another id than the run's."""
     source = cfg.get('pretrained_model_name_or_path')
-    if source is not None and any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+    own = _model_tokenizer(source, cfg) if source is not None else None
+    if own is not None:
         try:
-            check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(source), key)
+            check_same_vocabulary(tokenizer, own, key)
         except ValueError as e:
             raise ConfigError(f'{key}: {e}') from e
 

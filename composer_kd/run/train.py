@@ -28,7 +28,7 @@ from composer_kd.run.precomputed_data import (
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
 from composer_kd.run.value_checks import loader_max_seq_len
 
-__all__ = ['build_trainer', 'train']
+__all__ = ['build_trainer', 'check_only', 'train']
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,19 @@ _TRAINER_PASSTHROUGH = (
 
 
 def _parallelism(cfg: Mapping[str, Any], world_size: int) -> dict[str, Any] | None:
-    """Composer's ``parallelism_config``; like LLM Foundry, a single process runs without FSDP."""
+    """Composer's ``parallelism_config``; like LLM Foundry, a single process runs without FSDP, and
+    ``init_device: mixed`` turns on ``sync_module_states`` (FSDP1 needs it said; FSDP2 sees the meta ranks)."""
     if cfg.get('fsdp_config') is None:
         return None
     if world_size == 1:
         log.warning('fsdp_config is set but this is a single-process run: FSDP does not apply, training without it.')
         return None
-    return {'fsdp': dict(cfg['fsdp_config'])}
+    fsdp = dict(cfg['fsdp_config'])
+    model = cfg['model']
+    sections = [model['student'], *(section for _, section in teacher_entries(model))]
+    if any(section.get('init_device') == 'mixed' for section in sections) and os.environ.get('FSDP_VERSION') != '2':
+        fsdp.setdefault('sync_module_states', True)
+    return {'fsdp': fsdp}
 
 
 def _named(section: str, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -99,6 +105,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     device = 'gpu' if gpu else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    for key, section in [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]:
+        check_model_source(key, section)  # a missing model folder fails now, before any data or model loads
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     level = str(cfg.get('python_log_level', 'warning')).upper()
     for name in ('composer', 'composer_kd'):
@@ -115,9 +123,6 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
             repair_checkpoint_folder(folder)
         dist.barrier()
 
-    # Missing model folders fail here, before any data or model loads.
-    for key, section in [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]:
-        check_model_source(key, section)
     tokenizer = build_tokenizer(cfg['tokenizer'])
     for key, meta in (('train_loader.dataset', train_teacher), ('eval_loader.dataset', eval_teacher)):
         if meta is not None:
@@ -176,6 +181,26 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
         raise ConfigError(str(e).splitlines()[0]) from e
 
 
+def check_only(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str]) -> str:
+    """``train --check``: every check ``build_trainer`` makes before it loads anything, for a run of
+    ``world_size`` processes on GPUs or CPUs; loads no tokenizer, data or model. Returns a summary line.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, fsdp_version)
+    if is_precomputed(cfg):
+        check_precomputed_data(cfg)
+    models = [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]
+    for key, section in models:
+        check_model_source(key, section)
+    sharding = 'FSDP' + ('2' if fsdp_version == '2' else '1') if _parallelism(cfg, world_size) else 'no FSDP'
+    teacher = 'precomputed teacher' if is_precomputed(cfg) else f'{len(models) - 1} teacher model(s)'
+    return (f'{world_size} {"GPU" if gpu else "CPU"} process(es), {sharding}, precision {run_precision(cfg, gpu)}; '
+            f'device batch {device_batch} (microbatch {microbatch}), eval batch {eval_batch}; student and {teacher}; '
+            'nothing was loaded')
+
+
 def train(cfg: Mapping[str, Any]) -> Trainer:
     """Builds the ``Trainer``, evaluates first if ``eval_first``, fits, and returns it. A run that autoresumes
     at its ``max_duration`` is complete: it is returned as loaded (Composer's ``fit`` would refuse it)."""
@@ -190,7 +215,7 @@ def train(cfg: Mapping[str, Any]) -> Trainer:
         try:
             trainer.fit()
         except BaseException as e:
-            trainer.close()  # Composer runs no event when fit raises: callbacks restore state (GC) in close
+            trainer.engine.close()  # no event runs when fit raises: callbacks restore state (GC) in close; no barrier
             reason = _checkpoint_write_failure(e) if isinstance(e, (OSError, RuntimeError)) else None
             if reason is None:
                 raise

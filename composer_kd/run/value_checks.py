@@ -8,6 +8,7 @@ from composer.core import Time, TimeUnit
 
 from composer_kd.errors import ConfigError
 from composer_kd.run.config import teacher_entries
+from composer_kd.run.model_section import check_model_section
 
 __all__ = ['is_int', 'is_number', 'check_process_values', 'check_trainer_values', 'check_loader_values',
            'check_dataset_values', 'check_model_values', 'loader_max_seq_len']
@@ -16,8 +17,6 @@ _BOOLS = ('eval_first', 'save_overwrite', 'save_weights_only', 'load_weights_onl
           'autoresume', 'progress_bar', 'log_to_console', 'accumulate_train_batch_on_tokens')
 _STRINGS = ('save_folder', 'save_filename', 'save_latest_filename', 'load_path')
 _INTERVALS = ('eval_interval', 'save_interval', 'console_log_interval')
-_DTYPES = ('auto', 'float32', 'float16', 'bfloat16', 'float64')
-_ATTENTION = ('eager', 'sdpa', 'flash_attention_2', 'flash_attention_3', 'flex_attention')
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
 # Streaming 0.13's registries (streaming.base.{partition,shuffle,batching,hashing}); spelled out so a check needs
 # no import of Streaming internals.
@@ -186,8 +185,7 @@ def check_loader_values(cfg: Mapping[str, Any], loader: str) -> None:
 
 
 def check_model_values(cfg: Mapping[str, Any]) -> None:
-    """Checks the student's and each teacher model's section, and ``tokenizer``: one source, a real dtype,
-    ``trust_remote_code`` a boolean (off unless set: remote code runs only when the YAML says so)."""
+    """Checks ``tokenizer`` and the student's and each teacher model's section (``run/model_section.py``)."""
     tokenizer = cfg['tokenizer']
     _expect(isinstance(tokenizer['name'], str) and tokenizer['name'] != '', 'tokenizer.name', tokenizer['name'],
             'a folder or a Hugging Face tokenizer id')
@@ -196,21 +194,4 @@ def check_model_values(cfg: Mapping[str, Any]) -> None:
     model = cfg['model']
     sections = [('model.student', model['student'])] if model.get('student') is not None else []
     for key, section in sections + teacher_entries(model):
-        source, config = section.get('pretrained_model_name_or_path'), section.get('config')
-        if (source is None) == (config is None):
-            raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or config '
-                              '(a from-scratch model)')
-        if config is not None and (not isinstance(config, Mapping) or 'model_type' not in config):
-            raise ConfigError(f'{key}.config must be a mapping with a model_type, got {config!r}')
-        if section.get('config_overrides') is not None:
-            _expect(isinstance(section['config_overrides'], Mapping), f'{key}.config_overrides',
-                    section['config_overrides'], 'a mapping of config fields')
-        if 'trust_remote_code' in section:
-            _expect(isinstance(section['trust_remote_code'], bool), f'{key}.trust_remote_code',
-                    section['trust_remote_code'], 'true or false')
-        if section.get('torch_dtype') is not None:
-            _expect(section['torch_dtype'] in _DTYPES, f'{key}.torch_dtype', section['torch_dtype'],
-                    f'one of {list(_DTYPES)}')
-        if section.get('attn_implementation') is not None:
-            _expect(section['attn_implementation'] in _ATTENTION, f'{key}.attn_implementation',
-                    section['attn_implementation'], f'one of {list(_ATTENTION)}')
+        check_model_section(key, section)
