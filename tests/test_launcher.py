@@ -116,7 +116,9 @@ def _samples(split: Path) -> list[dict]:
 def test_precompute_on_two_processes_writes_the_one_process_dataset(tmp_path: Path, tiny_assets: Path) -> None:
     one = _samples(_precompute(tmp_path, tiny_assets, 1, tmp_path / 'one'))
     assert len(one) == 390
-    for name, fsdp2, extra in (('two', False, ()), ('fsdp2', True, ('fsdp_config={state_dict_type: sharded}',))):
+    # FSDP2 with the teacher loaded on rank 0 only (init_device: mixed): rank 1 gets its shard from rank 0.
+    for name, fsdp2, extra in (('two', False, ()), ('fsdp2', True, ('fsdp_config={state_dict_type: sharded}',
+                                                                    'model.teacher.init_device=mixed'))):
         two = _samples(_precompute(tmp_path, tiny_assets, 2, tmp_path / name, *extra, fsdp2=fsdp2))
         assert len(two) == len(one), name
         for a, b in zip(two, one):  # sample for sample, every column, bit for bit

@@ -8,12 +8,13 @@ Foundry's model block ports as written (``name``, ``pretrained_model_name_or_pat
 reason. One difference on purpose: ``trust_remote_code`` is off unless the YAML sets it (Foundry's default is on).
 """
 
+import os
 from typing import Any, Mapping
 
 from composer_kd.errors import ConfigError
 
-__all__ = ['MODEL_KEYS', 'INIT_DEVICES', 'REFUSED', 'attention', 'check_model_section', 'hub_kwargs', 'init_device',
-           'loads_weights']
+__all__ = ['MODEL_KEYS', 'INIT_DEVICES', 'REFUSED', 'attention', 'check_model_section', 'fsdp_settings', 'hub_kwargs',
+           'init_device', 'loads_weights']
 
 INIT_DEVICES = ('cpu', 'meta', 'mixed')
 _DTYPES = ('auto', 'float32', 'float16', 'bfloat16', 'float64')
@@ -126,3 +127,12 @@ def attention(section: Mapping[str, Any]) -> str | None:
     if section.get('use_flash_attention_2'):
         return 'flash_attention_2'
     return section.get('attn_implementation')
+
+
+def fsdp_settings(fsdp_config: Mapping[str, Any], sections: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Composer's ``parallelism_config['fsdp']`` for models built from ``sections``: ``init_device: mixed`` needs
+    ``sync_module_states`` (FSDP1 must be told; FSDP2 turns it on itself when it sees ranks on ``meta``)."""
+    fsdp = dict(fsdp_config)
+    if any(init_device(section) == 'mixed' for section in sections) and os.environ.get('FSDP_VERSION') != '2':
+        fsdp.setdefault('sync_module_states', True)
+    return fsdp

@@ -57,6 +57,7 @@ from composer_kd.run import precompute_record as record
 from composer_kd.run.checks import check_ensemble, ensemble_mode
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
+from composer_kd.run.model_section import fsdp_settings
 from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
 
 __all__ = ['precompute_teacher']
@@ -206,7 +207,8 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         trainer = Trainer(model=TeacherTopKModel(ensemble, vocab, settings.top_k, settings.temperatures),
                           device='gpu' if gpu else 'cpu',
                           precision=settings.precision,
-                          parallelism_config={'fsdp': dict(fsdp)} if fsdp is not None and world_size > 1 else None,
+                          parallelism_config={'fsdp': fsdp_settings(fsdp, [s for _, s in teachers])}
+                          if fsdp is not None and world_size > 1 else None,
                           callbacks=[writer_callback],
                           loggers=[],
                           progress_bar=False,

@@ -8,7 +8,7 @@ from streaming.base.compression import get_compressions
 
 from composer_kd.data.teacher_topk import ENCODINGS
 from composer_kd.errors import ConfigError
-from composer_kd.run.checks import check_ensemble, check_fsdp, check_precision, ensemble_mode
+from composer_kd.run.checks import check_ensemble, check_fsdp, check_init_devices, check_precision, ensemble_mode
 from composer_kd.run.value_checks import check_dataset_values, check_model_values, check_process_values
 
 __all__ = ['PrecomputeSettings', 'check_precompute_config', 'check_precompute_paths']
@@ -69,6 +69,7 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
     check_process_values(cfg)
     check_model_values(cfg)
     check_fsdp(cfg, world_size, gpu, fsdp_version)
+    check_init_devices(cfg, world_size, gpu)
     check_ensemble(cfg['model'])
     section = cfg['precompute']
     top_k = _positive_int('precompute.top_k', section['top_k'])

@@ -19,6 +19,7 @@ from composer_kd.run.checkpoint_repair import repair_checkpoint_folder
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
+from composer_kd.run.model_section import fsdp_settings
 from composer_kd.run.precomputed_data import (
     check_precomputed_data,
     check_precomputed_tokenizer,
@@ -49,12 +50,8 @@ def _parallelism(cfg: Mapping[str, Any], world_size: int) -> dict[str, Any] | No
     if world_size == 1:
         log.warning('fsdp_config is set but this is a single-process run: FSDP does not apply, training without it.')
         return None
-    fsdp = dict(cfg['fsdp_config'])
     model = cfg['model']
-    sections = [model['student'], *(section for _, section in teacher_entries(model))]
-    if any(section.get('init_device') == 'mixed' for section in sections) and os.environ.get('FSDP_VERSION') != '2':
-        fsdp.setdefault('sync_module_states', True)
-    return {'fsdp': fsdp}
+    return {'fsdp': fsdp_settings(cfg['fsdp_config'], [model['student'], *(s for _, s in teacher_entries(model))])}
 
 
 def _named(section: str, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
