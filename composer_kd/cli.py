@@ -60,7 +60,12 @@ def _prepare_data(args: argparse.Namespace) -> None:
                  val_fraction=args.val_fraction,
                  extensions=args.extensions,
                  text_key=args.text_key,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite,
+                 workers=args.workers,
+                 bos_text=args.bos_text,
+                 eos_text=args.eos_text,
+                 no_wrap=args.no_wrap,
+                 remote=args.remote)
     for split, counts in summary.items():
         print(f"{split}: {counts['samples']} samples, {counts['tokens']} tokens from {counts['documents']} documents")
 
@@ -141,14 +146,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--hardest', type=int, default=20, help='how many samples to list (default 20)')
     p.set_defaults(run=_samples)
 
-    p = commands.add_parser('prepare-data', help='tokenize text/.jsonl files into `tokens` MDS shards (train/val)')
+    p = commands.add_parser('prepare-data', help='tokenize text, .jsonl and .jsonl.gz files into `tokens` MDS shards '
+                            '(train/val, zstd; LLM Foundry\'s concat_tokens layout)')
     p.add_argument('--input', nargs='+', required=True, help='files or folders (searched recursively)')
     p.add_argument('--tokenizer', required=True, help='Hugging Face tokenizer folder or id')
     p.add_argument('--out', required=True, help='output folder; gets train/ and val/')
     p.add_argument('--max-seq-len', type=int, required=True, help='tokens per sample')
     p.add_argument('--val-fraction', type=float, default=0.05, help='share of documents for val (default 0.05)')
-    p.add_argument('--extensions', nargs='+', default=['.txt', '.jsonl'], help='file endings read from folders '
-                   '(default .txt .jsonl)')
+    p.add_argument('--extensions', nargs='+', default=['.txt', '.jsonl', '.jsonl.gz'], help='file endings read from '
+                   'folders (default .txt .jsonl .jsonl.gz)')
+    p.add_argument('--workers', type=int, default=None, help='tokenizing processes (default: every core); the output '
+                   'is the same for any number')
+    p.add_argument('--bos-text', default=None, help='text put before each document (default: nothing)')
+    p.add_argument('--eos-text', default=None, help='text put after each document (default: the tokenizer\'s EOS)')
+    p.add_argument('--no-wrap', action='store_true', help='drop what is left of a document when a sample is cut '
+                   '(LLM Foundry\'s --no_wrap) instead of continuing it in the next sample')
+    p.add_argument('--remote', default=None, help='also upload the shards there as they are written (s3://, gs://, '
+                   'oci://, … or a folder), to REMOTE/train and REMOTE/val')
     p.add_argument('--text-key', default='text', help='field of each .jsonl record holding the text (default text)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     p.set_defaults(run=_prepare_data)

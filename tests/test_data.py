@@ -91,3 +91,78 @@ def test_token_counter_equals_the_loss_denominator() -> None:
     assert counts == int(scored_positions(batch['labels']).sum()) == 6 + 0 + 3 - 1
     assert count_tokens(batch)['total'] == 12
     assert count_tokens({'input_ids': batch['input_ids']})['loss_generating'] == 3 * 6
+
+
+def _tokens(folder) -> list[tuple[list[int], str]]:
+    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    return [(ds[i]['tokens'].tolist(), ds[i]['source']) for i in range(len(ds))]
+
+
+def test_prepare_data_at_corpus_scale(capsys, monkeypatch, tmp_path, tiny_assets) -> None:
+    """Any number of workers writes the same shards; .jsonl.gz reads as .jsonl; a file larger than a piece is
+    tokenized piece by piece (bounded memory) as one document; --remote gets the same shards."""
+    import gzip
+
+    from transformers import AutoTokenizer
+
+    from composer_kd.data import documents
+    corpus = _corpus(tmp_path)
+    records = (corpus / 'sub' / 'records.jsonl').read_bytes()
+    (corpus / 'sub' / 'records.jsonl').unlink()
+    (corpus / 'sub' / 'records.jsonl.gz').write_bytes(gzip.compress(records))
+    big = corpus / 'big.txt'
+    big.write_text(''.join(f'line {i}: some text\n' for i in range(400)))  # 8 KB: many pieces below
+    monkeypatch.setattr(documents, 'PIECE_CHARS', 1000)
+    args = ['prepare-data', '--input', str(corpus), '--tokenizer', str(tiny_assets / 'tokenizer'), '--max-seq-len',
+            '32', '--val-fraction', '0.2']
+    assert main([*args, '--out', str(tmp_path / 'one'), '--workers', '1']) == 0
+    assert main([*args, '--out', str(tmp_path / 'two'), '--workers', '2', '--remote', str(tmp_path / 'remote')]) == 0
+    assert _digest(tmp_path / 'one') == _digest(tmp_path / 'two')
+    for split in ('train', 'val'):  # the upload holds what the local copy holds
+        assert _tokens(tmp_path / 'remote' / split) == _tokens(tmp_path / 'two' / split)
+    capsys.readouterr()
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer')
+    text = big.read_text()
+    pieces, start = [], 0
+    while start < len(text):  # the cuts read_pieces makes: whole lines, at most 1,000 characters
+        end = start + 1000 if start + 1000 < len(text) else len(text)
+        end = text.rfind('\n', start, end) + 1 if end < len(text) else end
+        pieces.append(text[start:end])
+        start = end
+    want = [t for piece in pieces for t in tok(piece, add_special_tokens=False)['input_ids']] + [tok.eos_token_id]
+    read = list(documents.read_pieces('big.txt', str(big), 'text'))
+    assert [text for _, text, _ in read] == pieces
+    assert [last for _, _, last in read] == [False] * (len(read) - 1) + [True]
+    flat = [t for ids, _ in _tokens(tmp_path / 'one' / split_of('big.txt', 0.2)) for t in ids]
+    # One document: its pieces' tokens in a row, EOS once, at its end.
+    assert len(pieces) > 5 and any(flat[i:i + len(want)] == want for i in range(len(flat) - len(want) + 1))
+
+
+def test_prepare_data_bos_eos_and_no_wrap(tmp_path, tiny_assets) -> None:
+    """Foundry's concat_tokens options: each document is bos + ids + eos; with no wrap, a document cut by the end
+    of a sample does not continue into the next one, so every sample starts at a document start."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer')
+    corpus = tmp_path / 'docs.jsonl'
+    texts = [f'document number {i} ' * (3 + i % 5) for i in range(40)]
+    corpus.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+    base = ['prepare-data', '--input', str(corpus), '--tokenizer', str(tiny_assets / 'tokenizer'), '--max-seq-len',
+            '24', '--val-fraction', '0', '--bos-text', 'BOS', '--eos-text', '']
+    assert main([*base, '--out', str(tmp_path / 'wrap')]) == 0
+    assert main([*base, '--out', str(tmp_path / 'nowrap'), '--no-wrap']) == 0
+    bos = tok('BOS', add_special_tokens=False)['input_ids']
+    docs = [bos + tok(t, add_special_tokens=False)['input_ids'] for t in texts]
+    wrapped = _tokens(tmp_path / 'wrap' / 'train')
+    assert [t for ids, _ in wrapped for t in ids] == [t for d in docs for t in d]  # no EOS: eos_text ''
+    nowrap = _tokens(tmp_path / 'nowrap' / 'train')
+    assert len(nowrap) < len(wrapped)
+    starts = {tuple(d[:len(bos) + 2]) for d in docs}
+    assert all(tuple(ids[:len(bos) + 2]) in starts for ids, _ in nowrap)  # every sample starts a document
+    assert all(len(ids) == 24 for ids, _ in nowrap[:-1])
+
+
+def test_prepare_data_refuses_no_workers(capsys, tmp_path, tiny_assets) -> None:
+    assert main(['prepare-data', '--input', str(_corpus(tmp_path)), '--tokenizer', str(tiny_assets / 'tokenizer'),
+                 '--max-seq-len', '16', '--out', str(tmp_path / 'out'), '--workers', '0']) == 2
+    assert '--workers must be at least 1, got 0' in capsys.readouterr().err

@@ -1,108 +1,33 @@
-"""``composer-kd prepare-data``: text and ``.jsonl`` files → tokenized, concatenated ``tokens`` MDS shards.
+"""``composer-kd prepare-data``: text, ``.jsonl`` and ``.jsonl.gz`` files → tokenized, concatenated ``tokens`` MDS
+shards (zstd), in LLM Foundry's ``concat_tokens`` layout (``data/packing.py``), readable by Foundry's loaders.
 
-Each document is tokenized, followed by EOS, and appended to one stream per split that is cut into samples
-of ``max_seq_len`` tokens (LLM Foundry's ``concat_tokens`` layout; the last partial sample is kept). The
-split of a document is decided by a hash of its name, so it is stable when files are added or removed.
+Files stream through in bounded pieces (``data/documents.py``); worker processes tokenize batches of pieces
+while the main process packs and writes, and the results are taken in input order, so the output is the same
+for any number of workers. The split of a document is decided by a hash of its name, so it is stable when
+files are added or removed. With ``remote``, Streaming uploads each shard as it is written.
 """
 
-import hashlib
-import json
+import collections
+import multiprocessing
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from composer_kd.data.documents import DEFAULT_EXTENSIONS, find_documents, read_pieces, split_of
+from composer_kd.data.packing import COLUMNS, Packer
 from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
 
-__all__ = ['prepare_data', 'find_documents', 'split_of']
+__all__ = ['prepare_data', 'find_documents', 'split_of', 'COLUMNS']
 
-_BATCH_DOCS = 256
-# Foundry's concat_tokens column, plus the document each sample starts in (per-sample tracking names it).
-COLUMNS = {'tokens': 'ndarray:int32', 'source': 'str'}
+_BATCH_CHARS = 2**20  # text per task sent to a worker
+_IN_FLIGHT = 4  # tasks per worker queued ahead: bounds memory, keeps the workers busy
 
-
-def split_of(name: str, val_fraction: float) -> str:
-    """``'val'`` for about ``val_fraction`` of names, chosen by a hash of the name; else ``'train'``."""
-    bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big') / 2**64
-    return 'val' if bucket < val_fraction else 'train'
-
-
-def find_documents(inputs: Sequence[str], extensions: Sequence[str]) -> list[tuple[str, str]]:
-    """Sorted ``(name, path)`` of every input file; folders are searched recursively for ``extensions``.
-
-    ``name`` is the path relative to its input folder (the file name for a file input).
-    """
-    found = []
-    for item in inputs:
-        if os.path.isfile(item):
-            found.append((os.path.basename(item), item))
-        elif os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                for f in sorted(files):
-                    if f.endswith(tuple(extensions)):
-                        path = os.path.join(root, f)
-                        found.append((os.path.relpath(path, item), path))
-        else:
-            raise ConfigError(f'--input: no such file or folder: {item}')
-    if not found:
-        raise ConfigError(f'--input: no files ending in {list(extensions)} under {list(inputs)}')
-    return sorted(set(found))
-
-
-def _texts(name: str, path: str, text_key: str) -> Iterator[tuple[str, str]]:
-    """``(document name, text)`` pairs of one file: one per line of a ``.jsonl``, else the whole file."""
-    with open(path, encoding='utf-8', errors='replace') as f:
-        if not path.endswith('.jsonl'):
-            yield name, f.read()
-            return
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f'{path}:{line_no}: not valid JSON ({e.msg})') from e
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ConfigError(f'{path}:{line_no}: expected an object with a string field {text_key!r}')
-            yield f'{name}:{line_no}', record[text_key]
-
-
-class _Packer:
-    """Concatenates token ids and writes full ``max_seq_len`` samples to an MDS writer, each with the name of the
-    document its first token comes from (``source``)."""
-
-    def __init__(self, writer: MDSWriter, max_seq_len: int) -> None:
-        self.writer, self.max_seq_len = writer, max_seq_len
-        self.buffer: list[int] = []
-        self.starts: list[tuple[int, str]] = []  # (offset in buffer, document) of each document in the buffer
-        self.samples = 0
-        self.tokens = 0
-
-    def add(self, ids: list[int], source: str) -> None:
-        self.starts.append((len(self.buffer), source))
-        self.buffer.extend(ids)
-        while len(self.buffer) >= self.max_seq_len:
-            self._write(self.buffer[:self.max_seq_len])
-            del self.buffer[:self.max_seq_len]
-            shifted = [(offset - self.max_seq_len, name) for offset, name in self.starts]
-            covering = max(i for i, (offset, _) in enumerate(shifted) if offset <= 0)
-            self.starts = shifted[covering:]
-
-    def _write(self, ids: list[int]) -> None:
-        source = max((item for item in self.starts if item[0] <= 0), key=lambda item: item[0])[1]
-        self.writer.write({'tokens': np.asarray(ids, dtype=np.int32), 'source': source})
-        self.samples += 1
-        self.tokens += len(ids)
-
-    def close(self) -> None:
-        if len(self.buffer) >= 2:  # a sample needs one target at least
-            self._write(self.buffer)
-        self.writer.finish()
+Piece = tuple[str, str, bool, bool]  # (document, text, first piece, last piece)
 
 
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -112,63 +37,133 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ConfigError(f'--tokenizer: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}') from e
 
 
+_worker_tokenizer: Optional[PreTrainedTokenizerBase] = None
+
+
+def _init_worker(name: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = AutoTokenizer.from_pretrained(name)
+
+
+def _tokenize(texts: list[str], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> list[np.ndarray]:
+    """Token ids of each text as int32 arrays (from a worker they travel as bytes, not as lists of ints)."""
+    tok = tokenizer or _worker_tokenizer
+    assert tok is not None
+    return [np.asarray(ids, dtype=np.int32) for ids in tok(texts, add_special_tokens=False)['input_ids']]
+
+
+def _batches(documents: Sequence[tuple[str, str]], text_key: str, progress: tqdm) -> Iterator[list[Piece]]:
+    """Pieces of every document in order, grouped into batches of about ``_BATCH_CHARS`` characters."""
+    batch: list[Piece] = []
+    size = 0
+    for name, path in documents:
+        first = True
+        for doc, text, last in read_pieces(name, path, text_key):
+            batch.append((doc, text, first, last))
+            size += len(text)
+            first = last  # the next piece starts a new document after a last piece
+            if size >= _BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+        progress.update(1)
+    if batch:
+        yield batch
+
+
+def _in_order(pool: Any, batches: Iterator[list[Piece]], window: int) -> Iterator[tuple[list[Piece], list[np.ndarray]]]:
+    """``(batch, token ids)`` in input order, at most ``window`` batches in flight (``Pool.imap`` would read the
+    whole input ahead into memory)."""
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append((batch, pool.apply_async(_tokenize, ([text for _, text, _, _ in batch],))))
+        if len(pending) >= window:
+            done, result = pending.popleft()
+            yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()
+
+
+def _special_ids(tok: PreTrainedTokenizerBase, text: Optional[str], default: list[int]) -> list[int]:
+    return default if text is None else tok(text, add_special_tokens=False)['input_ids']
+
+
 def prepare_data(inputs: Sequence[str],
                  tokenizer: str,
                  out: str,
                  max_seq_len: int,
                  val_fraction: float = 0.05,
-                 extensions: Sequence[str] = ('.txt', '.jsonl'),
+                 extensions: Sequence[str] = DEFAULT_EXTENSIONS,
                  text_key: str = 'text',
-                 overwrite: bool = False) -> dict[str, dict[str, int]]:
-    """Writes ``out/train`` and ``out/val`` MDS datasets; returns ``{split: {'samples', 'tokens', 'documents'}}``.
+                 overwrite: bool = False,
+                 workers: Optional[int] = None,
+                 bos_text: Optional[str] = None,
+                 eos_text: Optional[str] = None,
+                 no_wrap: bool = False,
+                 remote: Optional[str] = None,
+                 progress_bar: bool = True) -> dict[str, dict[str, int]]:
+    """Writes ``out/train`` and ``out/val`` MDS datasets (and uploads them to ``remote/train``, ``remote/val``);
+    returns ``{split: {'samples', 'tokens', 'documents'}}``.
+
+    Args:
+        workers (int, optional): tokenizing processes (default: every core; 1 tokenizes in this process).
+        bos_text (str, optional): text put before each document (default: nothing).
+        eos_text (str, optional): text put after each document (default: the tokenizer's EOS token).
+        no_wrap (bool): drop what is left of a document after a sample is cut, instead of continuing it.
 
     Raises:
         ConfigError: for missing inputs, an unusable tokenizer, ``max_seq_len < 2``, ``val_fraction`` outside
-            [0, 1), or an existing non-empty ``out`` without ``overwrite``.
+            [0, 1), ``workers < 1``, or an existing non-empty ``out`` without ``overwrite``.
     """
     if max_seq_len < 2:
         raise ConfigError(f'--max-seq-len must be at least 2, got {max_seq_len}')
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f'--val-fraction must be in [0, 1), got {val_fraction}')
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f'--workers must be at least 1, got {workers}')
     documents = find_documents(inputs, extensions)
+    # One thread per process: the parallelism is the workers' (and the output the same for any count).
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     tok = _load_tokenizer(tokenizer)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
+    bos = _special_ids(tok, bos_text, [])
+    eos = _special_ids(tok, eos_text, [tok.eos_token_id] if tok.eos_token_id is not None else [])
     with staged_folder(out) as staging:
-        return _write_splits(documents, tok, staging, max_seq_len, val_fraction, text_key)
+        packers = {
+            split: Packer(MDSWriter(columns=COLUMNS, out=_destination(staging, remote, split), compression='zstd',
+                                    keep_local=True), max_seq_len, bos, eos, wrap=not no_wrap)
+            for split in ('train', 'val')
+        }
+        counts = {'train': 0, 'val': 0}
+        progress = tqdm(total=len(documents), desc='prepare-data', unit='file', disable=not progress_bar)
+        batches = _batches(documents, text_key, progress)
+        if workers == 1:
+            results: Iterator = ((batch, _tokenize([t for _, t, _, _ in batch], tok)) for batch in batches)
+            _pack(results, packers, counts, val_fraction)
+        else:
+            with multiprocessing.get_context('fork').Pool(workers, _init_worker, (tokenizer,)) as pool:
+                _pack(_in_order(pool, batches, workers * _IN_FLIGHT), packers, counts, val_fraction)
+        progress.close()
+        summary = {}
+        for split, packer in packers.items():
+            packer.close()
+            summary[split] = {'samples': packer.samples, 'tokens': packer.tokens, 'documents': counts[split]}
+        return summary
 
 
-def _write_splits(documents: Sequence[tuple[str, str]], tok: PreTrainedTokenizerBase, out: str, max_seq_len: int,
-                  val_fraction: float, text_key: str) -> dict[str, dict[str, int]]:
-    """Tokenizes ``documents`` into ``out/train`` and ``out/val``; returns the per-split counts."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    packers = {
-        split: _Packer(MDSWriter(columns=COLUMNS, out=os.path.join(out, split), compression='zstd'), max_seq_len)
-        for split in ('train', 'val')
-    }
-    counts = {'train': 0, 'val': 0}
-    pending: dict[str, list[tuple[str, str]]] = {'train': [], 'val': []}  # (document, text)
+def _destination(staging: str, remote: Optional[str], split: str) -> Any:
+    local = os.path.join(staging, split)
+    return local if remote is None else (local, f'{remote.rstrip("/")}/{split}')
 
-    def flush(split: str) -> None:
-        if not pending[split]:
-            return
-        names, texts = zip(*pending[split])
-        for name, ids in zip(names, tok(list(texts), add_special_tokens=False)['input_ids']):
-            packers[split].add(ids + eos, name)
-        pending[split].clear()
 
-    for name, path in tqdm(documents, desc='prepare-data', unit='file'):
-        for doc_name, text in _texts(name, path, text_key):
-            if not text:
-                continue
-            split = split_of(doc_name, val_fraction)
-            pending[split].append((doc_name, text))
-            counts[split] += 1
-            if len(pending[split]) >= _BATCH_DOCS:
-                flush(split)
-    summary = {}
-    for split, packer in packers.items():
-        flush(split)
-        packer.close()
-        summary[split] = {'samples': packer.samples, 'tokens': packer.tokens, 'documents': counts[split]}
-    return summary
+def _pack(results: Iterator[tuple[list[Piece], list[np.ndarray]]], packers: dict[str, Packer], counts: dict[str, int],
+          val_fraction: float) -> None:
+    for batch, ids in results:
+        for (doc, text, first, last), piece_ids in zip(batch, ids):
+            if first and last and not text:
+                continue  # an empty document
+            split = split_of(doc, val_fraction)
+            counts[split] += first
+            packers[split].add(piece_ids, doc, first, last)
