@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument('--out', help=argparse.SUPPRESS)
     parser.add_argument('--workers', type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument('--tokenizer', default=None, help='tokenizer folder (default: train the quickstart\'s)')
-    parser.add_argument('--sizes-mb', type=int, nargs='+', default=[64, 1024], help='text file sizes (default 64 1024)')
+    parser.add_argument('--sizes-mb', type=int, nargs='*', default=[64, 1024],
+                        help='text file sizes (default 64 1024; none: throughput only)')
     parser.add_argument('--repeats', type=int, default=3, help='throughput runs per worker count (median)')
     args = parser.parse_args()
     if args.one:

@@ -1,5 +1,5 @@
 """``composer-kd`` command line: ``train``, ``rounds``, ``precompute-teacher``, ``samples``, ``prepare-data``,
-``export``, ``quickstart``, ``recipes`` and ``make-tiny-assets``.
+``eval``, ``export``, ``quickstart``, ``recipes`` and ``make-tiny-assets``.
 
 The CLI only parses arguments and calls library functions. A ``ConfigError`` (a user mistake) prints one
 line and exits with status 2; anything else is a bug and keeps its traceback.
@@ -68,6 +68,17 @@ def _prepare_data(args: argparse.Namespace) -> None:
                  remote=args.remote)
     for split, counts in summary.items():
         print(f"{split}: {counts['samples']} samples, {counts['tokens']} tokens from {counts['documents']} documents")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from composer_kd.run.config import read_yaml
+    from composer_kd.run.evaluate import EVAL_KEYS, evaluate_models
+    settings = dict(read_yaml(args.config)) if args.config else {}
+    flags = {key: getattr(args, key) for key in EVAL_KEYS if getattr(args, key) is not None}
+    results = evaluate_models({**settings, **flags})  # flags win over the YAML
+    print(json.dumps(results, indent=1))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -166,6 +177,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--text-key', default='text', help='field of each .jsonl record holding the text (default text)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     p.set_defaults(run=_prepare_data)
+
+    p = commands.add_parser('eval', help='held-out CE, perplexity and, given a teacher, divergence and top-1 '
+                            'agreement of HF model folders on an MDS split (JSON)')
+    p.add_argument('--config', default=None, help='a YAML with the keys below (models, data, split, max_seq_len, '
+                   'teacher, tokenizer, batch_size, max_samples, divergence, temperature); flags win')
+    p.add_argument('--models', nargs='+', default=None, help='HF model folders (students) to evaluate')
+    p.add_argument('--data', default=None, help='MDS dataset folder (with split folders)')
+    p.add_argument('--split', default=None, help='split to evaluate (default val)')
+    p.add_argument('--max-seq-len', dest='max_seq_len', type=int, default=None, help='tokens per sample')
+    p.add_argument('--teacher', default=None, help='teacher folder: adds its divergence and top-1 agreement')
+    p.add_argument('--tokenizer', default=None, help='tokenizer folder (default: the first model\'s)')
+    p.add_argument('--batch-size', dest='batch_size', type=int, default=None, help='default 32')
+    p.add_argument('--max-samples', dest='max_samples', type=int, default=None, help='first N samples (whole '
+                   'batches; default all)')
+    p.add_argument('--divergence', default=None, help='teacher divergence (default forward_kl)')
+    p.add_argument('--temperature', type=float, default=None, help='its temperature (default 1)')
+    p.set_defaults(run=_eval)
 
     p = commands.add_parser('export', help='write the student of a checkpoint as a Hugging Face folder')
     p.add_argument('checkpoint', help='a Composer checkpoint: a .pt file, or a sharded checkpoint folder')

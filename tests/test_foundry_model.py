@@ -151,19 +151,24 @@ def test_hub_ids_take_revision_and_their_tokenizer_is_checked(tmp_path: Path, ti
 
 @pytest.mark.launcher
 def test_mixed_init_trains_the_student_the_cpu_init_trains(tmp_path: Path, tiny_assets: Path) -> None:
-    """2 processes, FSDP2: rank 0 loads student and teacher, rank 1 builds them on meta and receives its shards."""
+    """2 processes, FSDP2: rank 0 loads student and teacher, rank 1 builds them on meta and receives its shards.
+    The mixed run also writes the student with ``hf_checkpointer`` (gathered from both ranks onto rank 0)."""
     students = {}
+    hf = f'callbacks={{hf_checkpointer: {{save_folder: {tmp_path / "hf"}, save_interval: 4ba}}}}'
     for mode in ('cpu', 'mixed'):
         logs = ['--stdout', str(tmp_path / f'{mode}{{rank}}.out'), '--stderr', str(tmp_path / f'{mode}{{rank}}.err')]
         cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', *logs, '-m', 'composer_kd', 'train',
                'tiny-cpu', f'variables.assets={tiny_assets}', f'model.student.init_device={mode}',
                f'model.teacher.init_device={mode}', 'max_duration=4ba', 'eval_loader=null', 'save_interval=4ba',
-               'fsdp_config={state_dict_type: sharded}', f'save_folder={tmp_path / mode}', 'progress_bar=false']
+               'fsdp_config={state_dict_type: sharded}', f'save_folder={tmp_path / mode}', 'progress_bar=false',
+               *([hf] if mode == 'mixed' else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, FSDP_VERSION='2'))
         errors = ''.join(p.read_text()[-3000:] for p in tmp_path.glob(f'{mode}*.err'))
         assert proc.returncode == 0, proc.stderr[-3000:] + errors
         assert main(['export', str(tmp_path / mode / 'ep0-ba4'), str(tmp_path / f'{mode}-student')]) == 0
         students[mode] = load_file(tmp_path / f'{mode}-student' / 'model.safetensors')
-    assert students['cpu'].keys() == students['mixed'].keys()
-    for name, weight in students['cpu'].items():
-        assert torch.equal(weight, students['mixed'][name]), name
+    students['hf_checkpointer'] = load_file(tmp_path / 'hf' / 'huggingface' / 'ba4' / 'model.safetensors')
+    for other in ('mixed', 'hf_checkpointer'):
+        assert students['cpu'].keys() == students[other].keys(), other
+        for name, weight in students['cpu'].items():
+            assert torch.equal(weight, students[other][name]), (other, name)

@@ -2,6 +2,7 @@
 
 from composer_kd.callbacks.csv_logger import CSVLogger as CSVLogger
 from composer_kd.callbacks.early_stopper import StatefulEarlyStopper as StatefulEarlyStopper
+from composer_kd.callbacks.hf_checkpointer import HuggingFaceCheckpointer as HuggingFaceCheckpointer
 from composer_kd.callbacks.kd_monitor import KDMonitor as KDMonitor
 from composer_kd.callbacks.kd_schedule import KDSchedule as KDSchedule
 from composer_kd.callbacks.nonfinite_guard import NonFiniteGuard as NonFiniteGuard
@@ -11,6 +12,6 @@ from composer_kd.callbacks.scheduled_gc import ScheduledGarbageCollector as Sche
 from composer_kd.callbacks.sigterm_checkpoint import StopOnSigterm as StopOnSigterm
 
 __all__ = [
-    'CSVLogger', 'KDMonitor', 'KDSchedule', 'NonFiniteGuard', 'PerSampleLog', 'ReleaseStreamingMemory',
-    'ScheduledGarbageCollector', 'StatefulEarlyStopper', 'StopOnSigterm'
+    'CSVLogger', 'HuggingFaceCheckpointer', 'KDMonitor', 'KDSchedule', 'NonFiniteGuard', 'PerSampleLog',
+    'ReleaseStreamingMemory', 'ScheduledGarbageCollector', 'StatefulEarlyStopper', 'StopOnSigterm'
 ]

@@ -8,6 +8,7 @@ from composer import algorithms, callbacks, loggers, optim
 
 from composer_kd.callbacks.csv_logger import CSVLogger
 from composer_kd.callbacks.early_stopper import StatefulEarlyStopper
+from composer_kd.callbacks.hf_checkpointer import HuggingFaceCheckpointer
 from composer_kd.callbacks.kd_monitor import KDMonitor
 from composer_kd.callbacks.kd_schedule import KDSchedule
 from composer_kd.callbacks.per_sample_log import PerSampleLog
@@ -46,6 +47,7 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     'optimizer_monitor': callbacks.OptimizerMonitor,
     'nan_monitor': callbacks.NaNMonitor,
     'scheduled_gc': ScheduledGarbageCollector,
+    'hf_checkpointer': HuggingFaceCheckpointer,
     'kd_monitor': KDMonitor,
     'kd_schedule': KDSchedule,
     'per_sample_log': PerSampleLog,
