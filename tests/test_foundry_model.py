@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from composer_kd.cli import main
+from composer_kd.run.export import load_checkpoint
 from composer_kd.run.hf_loading import build_causal_lm
 from composer_kd.run.recipes import recipe_path
 
@@ -168,6 +169,8 @@ def test_mixed_init_trains_the_student_the_cpu_init_trains(tmp_path: Path, tiny_
         assert main(['export', str(tmp_path / mode / 'ep0-ba4'), str(tmp_path / f'{mode}-student')]) == 0
         students[mode] = load_file(tmp_path / f'{mode}-student' / 'model.safetensors')
     students['hf_checkpointer'] = load_file(tmp_path / 'hf' / 'huggingface' / 'ba4' / 'model.safetensors')
+    # export read the sharded checkpoint's model and metadata alone, not the optimizer state.
+    assert set(load_checkpoint(str(tmp_path / 'mixed' / 'ep0-ba4'))['state']) == {'model', 'integrations'}
     for other in ('mixed', 'hf_checkpointer'):
         assert students['cpu'].keys() == students[other].keys(), other
         for name, weight in students['cpu'].items():

@@ -1,6 +1,11 @@
 """End-to-end runs of ``composer-kd train`` in this process: teacher untouched, student-only checkpoints,
 weights-only strict loading, early stopping and export."""
 
+import functools
+import http.server
+import socketserver
+import threading
+
 import torch
 from composer.callbacks import EarlyStopper
 from safetensors.torch import load_file
@@ -46,6 +51,18 @@ def test_run_keeps_teacher_and_checkpoints_student_only(tmp_path, tiny_assets, w
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer').get_vocab()
     assert main(['export', str(checkpoint), str(out)]) == 2  # refuses to overwrite without --overwrite
+
+    # A remote checkpoint (here over HTTP from this machine), downloaded with Composer's get_file.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(checkpoint.parent))
+    with socketserver.TCPServer(('127.0.0.1', 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f'http://127.0.0.1:{server.server_address[1]}/{checkpoint.name}'
+        try:
+            assert main(['export', url, str(tmp_path / 'from-http')]) == 0
+        finally:
+            server.shutdown()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / 'from-http')
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in student_state.items())
 
 
 def test_early_stopper_stops_when_the_eval_metric_stops_improving(write_config) -> None:

@@ -58,16 +58,69 @@ def _torch_load(path: str, shown: str, trust_pickle: bool) -> dict[str, Any]:
         raise ConfigError(f'checkpoint: {shown} cannot be read ({reason}); is it complete?') from e
 
 
+def _load_sharded_model(path: str) -> dict[str, Any]:
+    """The model weights and the Hugging Face metadata of a sharded checkpoint, read alone: the optimizer state
+    (twice the model for Adam) and the rest stay on disk. Returns them nested as a monolithic checkpoint nests
+    them (``{'state': {'model': ..., 'integrations': ...}}``)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = FileSystemReader(path)
+    metadata = reader.read_metadata()
+    wanted = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith(('state.model.', 'state.integrations.')):
+            tensor = isinstance(item, TensorStorageMetadata)
+            wanted[key] = torch.empty(item.size, dtype=item.properties.dtype) if tensor else b''
+    # Not flattened by the planner: it must fill this very dict (the metadata's bytes are set into it).
+    planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=True)
+    load(wanted, storage_reader=reader, planner=planner, no_dist=True)
+    nested: dict[str, Any] = {}
+    for key, value in wanted.items():
+        *parents, leaf = metadata.planner_data[key]
+        node = nested
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return _lists(nested)
+
+
+def _lists(node: Any) -> Any:
+    """Flattening keyed list items by their index: a dict with the keys 0..n-1 was a list."""
+    if not isinstance(node, dict):
+        return node
+    items = {k: _lists(v) for k, v in node.items()}
+    if items and all(isinstance(k, int) for k in items) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    return items
+
+
+def _fetch(uri: str, folder: str) -> str:
+    """A remote ``.pt`` checkpoint (``s3://``, ``oci://``, ``gs://``, ``dbfs:/``, ``http(s)://``) downloaded with
+    Composer's ``get_file`` into ``folder``; returns the local path."""
+    from composer.utils import get_file
+    if not uri.rstrip('/').endswith('.pt'):
+        raise ConfigError(f'checkpoint: {uri}: a remote checkpoint must be a .pt file (download a sharded folder '
+                          'first)')
+    local = os.path.join(folder, 'checkpoint.pt')
+    try:
+        get_file(uri, local)
+    except (FileNotFoundError, NotImplementedError, ValueError, OSError) as e:
+        raise ConfigError(f'checkpoint: cannot download {uri}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+    return local
+
+
 def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, Any]:
-    """Loads a monolithic (``.pt``) or sharded (folder with ``.metadata``) Composer checkpoint onto the CPU,
-    without running pickled code unless ``trust_pickle``."""
+    """Loads a monolithic (``.pt``, local or remote) or sharded (folder with ``.metadata``) Composer checkpoint
+    onto the CPU, without running pickled code unless ``trust_pickle``; of a sharded one, the model and its
+    metadata only."""
+    if '://' in path:
+        with tempfile.TemporaryDirectory() as tmp:
+            return _torch_load(_fetch(path, tmp), path, trust_pickle)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, '.metadata')):
             raise ConfigError(f'checkpoint: {path} is a folder without a sharded checkpoint (.metadata) in it')
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, os.path.join(tmp, 'full.pt'))
-            return _torch_load(os.path.join(tmp, 'full.pt'), path, trust_pickle)
+        return _load_sharded_model(path)
     if not os.path.isfile(path):
         raise ConfigError(f'checkpoint: no such file or folder: {path}')
     return _torch_load(path, path, trust_pickle)
