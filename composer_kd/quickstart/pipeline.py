@@ -95,23 +95,26 @@ def setting_folder(seed: int, alpha: float, temperature: float, divergence: str)
 
 
 def _check_out(out: Path, variant: Path) -> None:
-    """Refuses an unwritable ``out`` or one holding anything but quickstart stages; drops interrupted stages."""
+    """Refuses an unwritable ``out`` or one holding anything but quickstart stages (before writing anything in it);
+    then makes the setting's folder; drops interrupted stages in both."""
     try:
-        variant.mkdir(parents=True, exist_ok=True)
-        probe = variant / '.write-test'
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / '.write-test'
         probe.write_text('ok')
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f'--out: cannot write to {variant}: {e.strerror}') from e
+        raise ConfigError(f'--out: cannot write to {out}: {e.strerror}') from e
     known = set(STAGES) | set(OWN_FILES)
+    for entry in sorted(out.iterdir()):
+        if entry.name not in known and not entry.name.startswith('teacher_topk-T') and '.partial-' not in entry.name:
+            raise ConfigError(f'--out: {out} holds {entry.name!r}, which is not from a quickstart run; '
+                              'use an empty or new folder')
+    variant.mkdir(parents=True, exist_ok=True)
     for folder in dict.fromkeys((out, variant)):
         for entry in sorted(folder.iterdir()):
             if '.partial-' in entry.name:  # a stage killed mid-way: it restarts from scratch
                 print(f'removing the interrupted stage {entry.name}')
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name not in known and not entry.name.startswith('teacher_topk-T') and folder == out:
-                raise ConfigError(f'--out: {out} holds {entry.name!r}, which is not from a quickstart run; '
-                                  'use an empty or new folder')
 
 
 def _stage(out: Path, name: str, make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def build_tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
         raise ConfigError(f'tokenizer.name: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}') from e
 
 
-def _dtype(key: str, value: Optional[str]) -> Optional[torch.dtype]:
+def _dtype(value: Optional[str]) -> Optional[torch.dtype]:
     if value is None or value == 'auto':
         return value  # type: ignore[return-value]
     return getattr(torch, str(value))  # checked by check_model_section
@@ -89,7 +89,7 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
     hub = hub_kwargs(cfg)
     device = init_device(cfg)
     empty = device == 'meta' or (device == 'mixed' and not _is_main_rank())
-    dtype = _dtype(key, cfg.get('torch_dtype'))
+    dtype = _dtype(cfg.get('torch_dtype'))
     try:
         if source is not None:
             source = _check_source(f'{key}.pretrained_model_name_or_path', source)
