@@ -3,7 +3,6 @@ nothing), keys we cannot honour are refused by name with the reason, ``pretraine
 Hub id's tokenizer mean what they mean in Foundry, and ``init_device: mixed`` (rank 0 loads, the other ranks
 build on ``meta`` and receive their shards) trains the student the ``cpu`` init trains, bit for bit."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 import torch
 from helpers import assert_cli_error
 from omegaconf import OmegaConf
-from reliability import record
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -90,7 +88,6 @@ def test_foundry_keys_we_cannot_honour_are_refused_by_name(capsys, foundry_recip
     cfg.model.student = {**FOUNDRY_8B_BLOCK, **edit}
     OmegaConf.save(cfg, foundry_recipe)
     assert_cli_error(capsys, ['train', str(foundry_recipe), '--check', '--world-size', '8', '--device', 'gpu'], match)
-    record(f'a Foundry model block with {json.dumps(edit)}', capsys.readouterr().err or match)
 
 
 def test_pretrained_false_builds_a_fresh_model_from_the_saved_config(tiny_assets: Path) -> None:
