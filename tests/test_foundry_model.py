@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from composer.utils.object_store import LibcloudObjectStore
 from helpers import assert_cli_error
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from composer_kd.cli import main
-from composer_kd.run.export import load_checkpoint
+from composer_kd.run.export import download_sharded, load_checkpoint
 from composer_kd.run.hf_loading import build_causal_lm
 from composer_kd.run.recipes import recipe_path
 
@@ -167,8 +168,18 @@ def test_mixed_init_trains_the_student_the_cpu_init_trains(tmp_path: Path, tiny_
         students[mode] = load_file(tmp_path / f'{mode}-student' / 'model.safetensors')
     students['hf_checkpointer'] = load_file(tmp_path / 'hf' / 'huggingface' / 'ba4' / 'model.safetensors')
     # export read the sharded checkpoint's model and metadata alone, not the optimizer state.
-    assert set(load_checkpoint(str(tmp_path / 'mixed' / 'ep0-ba4'))['state']) == {'model', 'integrations'}
-    for other in ('mixed', 'hf_checkpointer'):
+    sharded = tmp_path / 'mixed' / 'ep0-ba4'
+    assert set(load_checkpoint(str(sharded))['state']) == {'model', 'integrations'}
+    # The same folder through an object store (Apache Libcloud's local provider): listed, downloaded, exported.
+    (tmp_path / 'store' / 'bucket').mkdir(parents=True)
+    store = LibcloudObjectStore(provider='local', container='bucket', provider_kwargs={'key': str(tmp_path / 'store')})
+    for path in sharded.rglob('*'):
+        if path.is_file():
+            store.upload_object(f'runs/ep0-ba4/{path.relative_to(sharded)}', str(path))
+    download_sharded(store, 'runs/ep0-ba4', str(tmp_path / 'downloaded'))
+    assert main(['export', str(tmp_path / 'downloaded'), str(tmp_path / 'from-store')]) == 0
+    students['from-store'] = load_file(tmp_path / 'from-store' / 'model.safetensors')
+    for other in ('mixed', 'hf_checkpointer', 'from-store'):
         assert students['cpu'].keys() == students[other].keys(), other
         for name, weight in students['cpu'].items():
             assert torch.equal(weight, students[other][name]), (other, name)

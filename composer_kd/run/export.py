@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from composer_kd.errors import ConfigError
 
-__all__ = ['export_student', 'load_checkpoint']
+__all__ = ['export_student', 'load_checkpoint', 'download_sharded']
 
 _STUDENT_PREFIX = 'model.'
 
@@ -95,28 +95,49 @@ def _lists(node: Any) -> Any:
     return items
 
 
+def download_sharded(store: Any, prefix: str, folder: str) -> str:
+    """The objects under ``prefix`` of a Composer ``ObjectStore`` (a sharded checkpoint: ``.metadata`` and the
+    ``__*.distcp`` files) downloaded into ``folder``; returns it."""
+    prefix = prefix.strip('/') + '/'
+    names = [name for name in store.list_objects(prefix) if name.startswith(prefix)]
+    if not any(name.endswith('/.metadata') for name in names):
+        raise ConfigError(f'checkpoint: no sharded checkpoint (.metadata) under {prefix}')
+    for name in names:
+        local = os.path.join(folder, name[len(prefix):])
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        store.download_object(name, local)
+    return folder
+
+
 def _fetch(uri: str, folder: str) -> str:
-    """A remote ``.pt`` checkpoint (``s3://``, ``oci://``, ``gs://``, ``dbfs:/``, ``http(s)://``) downloaded with
-    Composer's ``get_file`` into ``folder``; returns the local path."""
-    from composer.utils import get_file
-    if not uri.rstrip('/').endswith('.pt'):
-        raise ConfigError(f'checkpoint: {uri}: a remote checkpoint must be a .pt file (download a sharded folder '
-                          'first)')
-    local = os.path.join(folder, 'checkpoint.pt')
+    """A remote checkpoint downloaded into ``folder``; returns the local path: a ``.pt`` file through Composer's
+    ``get_file`` (``s3://``, ``oci://``, ``gs://``, ``dbfs:/``, ``http(s)://``), a sharded folder through the
+    object store's listing (not over HTTP)."""
+    from composer.utils import get_file, parse_uri
+    from composer.utils.file_helpers import maybe_create_object_store_from_uri
     try:
-        get_file(uri, local)
+        if uri.rstrip('/').endswith('.pt'):
+            local = os.path.join(folder, 'checkpoint.pt')
+            get_file(uri, local)
+            return local
+        if uri.lower().startswith(('http://', 'https://')):
+            raise ConfigError(f'checkpoint: {uri}: over HTTP a checkpoint must be a .pt file (a sharded folder '
+                              'cannot be listed)')
+        return download_sharded(maybe_create_object_store_from_uri(uri), parse_uri(uri)[2], folder)
     except (FileNotFoundError, NotImplementedError, ValueError, OSError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f'checkpoint: cannot download {uri}: {str(e).splitlines()[0] if str(e) else e!r}') from e
-    return local
 
 
 def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, Any]:
     """Loads a monolithic (``.pt``, local or remote) or sharded (folder with ``.metadata``) Composer checkpoint
     onto the CPU, without running pickled code unless ``trust_pickle``; of a sharded one, the model and its
     metadata only."""
-    if '://' in path:
+    if '://' in path or path.startswith('dbfs:/'):
         with tempfile.TemporaryDirectory() as tmp:
-            return _torch_load(_fetch(path, tmp), path, trust_pickle)
+            local = _fetch(path, tmp)
+            return _load_sharded_model(local) if os.path.isdir(local) else _torch_load(local, path, trust_pickle)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, '.metadata')):
             raise ConfigError(f'checkpoint: {path} is a folder without a sharded checkpoint (.metadata) in it')
