@@ -8,7 +8,7 @@ from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
 from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_ensemble_weights
-from composer_kd.run.config import teacher_entries
+from composer_kd.run.config import model_entries
 from composer_kd.run.object_checks import check_registered_objects
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
 from composer_kd.run.value_checks import check_loader_values, check_trainer_values
@@ -112,9 +112,7 @@ def check_fsdp(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version:
 
 def check_init_devices(cfg: Mapping[str, Any], world_size: int, gpu: bool) -> None:
     """``init_device: mixed`` / ``meta`` need FSDP to fill the empty weights (and ``meta`` a GPU)."""
-    model = cfg['model']
-    sections = [('model.student', model['student'])] if model.get('student') is not None else []
-    for key, section in sections + teacher_entries(model):
+    for key, section in model_entries(cfg['model']):
         device = section.get('init_device', 'cpu')
         if device == 'cpu' or (device == 'mixed' and world_size == 1):
             continue

@@ -18,7 +18,7 @@ from composer_kd.run.model_section import MODEL_KEYS
 from composer_kd.run.recipes import resolve_config_path, shipped_recipes
 
 __all__ = [
-    'load_config', 'load_precompute_config', 'read_yaml', 'teacher_entries', 'validate_config',
+    'load_config', 'load_precompute_config', 'model_entries', 'read_yaml', 'teacher_entries', 'validate_config',
     'validate_precompute_config', 'TOP_LEVEL_KEYS', 'REQUIRED_KEYS'
 ]
 
@@ -186,6 +186,13 @@ def teacher_entries(model: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
     if teacher is None or teacher.get('precomputed'):
         return []
     return [('model.teacher', teacher)]
+
+
+def model_entries(model: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(key, section)`` of every model a ``model:`` section builds: ``model.student`` (absent in a precompute
+    config), then each teacher model (``teacher_entries``)."""
+    student = [('model.student', model['student'])] if model.get('student') is not None else []
+    return student + teacher_entries(model)
 
 
 def _check_teachers(model: Mapping[str, Any], sections: Mapping[str, frozenset[str]], required: bool) -> None:

@@ -13,7 +13,7 @@ from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
 from composer_kd.run.checks import check_ensemble, has_teacher
-from composer_kd.run.config import teacher_entries
+from composer_kd.run.config import model_entries, teacher_entries
 from composer_kd.run.model_section import attention, check_model_section, hub_kwargs, init_device, loads_weights
 
 __all__ = [
@@ -148,7 +148,7 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
         distillation.setdefault('alpha', 1.0)
     weights = check_ensemble(cfg)
     teachers = teacher_entries(cfg)
-    for key, section in [('model.student', cfg['student']), *teachers]:  # cheap, so before the models load
+    for key, section in model_entries(cfg):  # cheap, so before the models load
         check_model_tokenizer(key, section, tokenizer)
     student = build_causal_lm('model.student', cfg['student'])
     models = [build_causal_lm(key, section) for key, section in teachers]

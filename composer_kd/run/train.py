@@ -17,7 +17,7 @@ from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError, TrainingFault
 from composer_kd.run.checkpoint_repair import repair_checkpoint_folder
 from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
-from composer_kd.run.config import teacher_entries
+from composer_kd.run.config import model_entries
 from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
 from composer_kd.run.model_section import fsdp_settings
 from composer_kd.run.precomputed_data import (
@@ -50,8 +50,7 @@ def _parallelism(cfg: Mapping[str, Any], world_size: int) -> dict[str, Any] | No
     if world_size == 1:
         log.warning('fsdp_config is set but this is a single-process run: FSDP does not apply, training without it.')
         return None
-    model = cfg['model']
-    return {'fsdp': fsdp_settings(cfg['fsdp_config'], [model['student'], *(s for _, s in teacher_entries(model))])}
+    return {'fsdp': fsdp_settings(cfg['fsdp_config'], [section for _, section in model_entries(cfg['model'])])}
 
 
 def _named(section: str, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -92,6 +91,17 @@ def _checkpoint_write_failure(error: BaseException) -> Optional[str]:
     return None
 
 
+def _check_before_loading(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str]) -> Any:
+    """What ``build_trainer`` and ``train --check`` check before anything loads: every value, the precomputed
+    teacher's records, and that local model folders exist. Returns the batch sizes and the precomputed teacher's
+    train and eval records (``None`` without one)."""
+    sizes = check_run_config(cfg, world_size, gpu, fsdp_version)
+    records = check_precomputed_data(cfg) if is_precomputed(cfg) else (None, None)
+    for key, section in model_entries(cfg['model']):
+        check_model_source(key, section)  # a missing model folder fails now, before any data or model loads
+    return sizes, records
+
+
 def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     """Builds the ``Trainer`` for a config returned by ``composer_kd.config.load_config``.
 
@@ -101,15 +111,13 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     gpu = torch.cuda.is_available()
     device = 'gpu' if gpu else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
-    for key, section in [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]:
-        check_model_source(key, section)  # a missing model folder fails now, before any data or model loads
+    (device_batch, microbatch, eval_batch), (train_teacher, eval_teacher) = _check_before_loading(
+        cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     level = str(cfg.get('python_log_level', 'warning')).upper()
     for name in ('composer', 'composer_kd'):
         logging.getLogger(name).setLevel(level)
     precomputed = is_precomputed(cfg)
-    train_teacher, eval_teacher = check_precomputed_data(cfg) if precomputed else (None, None)
     parallelism_config = _parallelism(cfg, world_size)
     seed = cfg.get('seed', 17)
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
@@ -185,12 +193,8 @@ def check_only(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version:
     Raises:
         ConfigError: naming the key and the value.
     """
-    device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, fsdp_version)
-    if is_precomputed(cfg):
-        check_precomputed_data(cfg)
-    models = [('model.student', cfg['model']['student']), *teacher_entries(cfg['model'])]
-    for key, section in models:
-        check_model_source(key, section)
+    (device_batch, microbatch, eval_batch), _ = _check_before_loading(cfg, world_size, gpu, fsdp_version)
+    models = model_entries(cfg['model'])
     sharding = 'FSDP' + ('2' if fsdp_version == '2' else '1') if _parallelism(cfg, world_size) else 'no FSDP'
     teacher = 'precomputed teacher' if is_precomputed(cfg) else f'{len(models) - 1} teacher model(s)'
     return (f'{world_size} {"GPU" if gpu else "CPU"} process(es), {sharding}, precision {run_precision(cfg, gpu)}; '

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from composer.core import Time, TimeUnit
 
 from composer_kd.errors import ConfigError
-from composer_kd.run.config import teacher_entries
+from composer_kd.run.config import model_entries
 from composer_kd.run.model_section import check_model_section
 
 __all__ = ['is_int', 'is_number', 'check_process_values', 'check_trainer_values', 'check_loader_values',
@@ -191,7 +191,5 @@ def check_model_values(cfg: Mapping[str, Any]) -> None:
             'a folder or a Hugging Face tokenizer id')
     _expect(isinstance(tokenizer.get('kwargs') or {}, Mapping), 'tokenizer.kwargs', tokenizer.get('kwargs'),
             'a mapping')
-    model = cfg['model']
-    sections = [('model.student', model['student'])] if model.get('student') is not None else []
-    for key, section in sections + teacher_entries(model):
+    for key, section in model_entries(cfg['model']):
         check_model_section(key, section)
