@@ -22,6 +22,8 @@ from composer.utils.file_helpers import maybe_create_object_store_from_uri
 from composer.utils.object_store import LibcloudObjectStore, ObjectStore
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from composer_kd.callbacks.unwrap import composer_model
+
 __all__ = ['HuggingFaceCheckpointer']
 
 _PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -35,10 +37,6 @@ def _set_config_dtype(path: str, precision: str) -> None:
     config['torch_dtype'] = precision
     with open(path, 'w') as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _unwrap(model: torch.nn.Module) -> Any:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class HuggingFaceCheckpointer(Callback):
@@ -66,7 +64,6 @@ class HuggingFaceCheckpointer(Callback):
         self._due = create_interval_scheduler(save_interval, include_end_of_training=True)
         self._store: Optional[ObjectStore] = None
         self._last_batch = -1
-        self.saved: list[str] = []  # where each folder went (local path or URI), in order
 
     def _object_store(self, folder: str) -> Optional[ObjectStore]:
         backend, _, _ = parse_uri(folder)
@@ -84,7 +81,7 @@ class HuggingFaceCheckpointer(Callback):
             self._save(state)
 
     def _save(self, state: State) -> None:
-        model = _unwrap(state.model)
+        model = composer_model(state)
         student = model.model
         # Every rank takes part (FSDP gathers the shards); rank 0 receives the full weights, offloaded to CPU.
         weights = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -103,7 +100,6 @@ class HuggingFaceCheckpointer(Callback):
                 if model.tokenizer is not None:
                     model.tokenizer.save_pretrained(local)
                 self._publish(local, folder)
-            self.saved.append(folder)
         self._last_batch = batch
         dist.barrier()
 
