@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from composer_kd.data.documents import DEFAULT_EXTENSIONS, find_documents, read_pieces, split_of
 from composer_kd.data.packing import COLUMNS, Packer
 from composer_kd.data.staging import staged_folder
+from composer_kd.data.tokenize_worker import init_worker, tokenize
 from composer_kd.errors import ConfigError
 
 __all__ = ['prepare_data', 'find_documents', 'split_of', 'COLUMNS']
@@ -35,21 +36,6 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(f'--tokenizer: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}') from e
-
-
-_worker_tokenizer: Optional[PreTrainedTokenizerBase] = None
-
-
-def _init_worker(name: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = AutoTokenizer.from_pretrained(name)
-
-
-def _tokenize(texts: list[str], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> list[np.ndarray]:
-    """Token ids of each text as int32 arrays (from a worker they travel as bytes, not as lists of ints)."""
-    tok = tokenizer or _worker_tokenizer
-    assert tok is not None
-    return [np.asarray(ids, dtype=np.int32) for ids in tok(texts, add_special_tokens=False)['input_ids']]
 
 
 def _batches(documents: Sequence[tuple[str, str]], text_key: str, progress: tqdm) -> Iterator[list[Piece]]:
@@ -75,7 +61,7 @@ def _in_order(pool: Any, batches: Iterator[list[Piece]], window: int) -> Iterato
     whole input ahead into memory)."""
     pending: collections.deque = collections.deque()
     for batch in batches:
-        pending.append((batch, pool.apply_async(_tokenize, ([text for _, text, _, _ in batch],))))
+        pending.append((batch, pool.apply_async(tokenize, ([text for _, text, _, _ in batch],))))
         if len(pending) >= window:
             done, result = pending.popleft()
             yield done, result.get()
@@ -140,10 +126,10 @@ def prepare_data(inputs: Sequence[str],
         progress = tqdm(total=len(documents), desc='prepare-data', unit='file', disable=not progress_bar)
         batches = _batches(documents, text_key, progress)
         if workers == 1:
-            results: Iterator = ((batch, _tokenize([t for _, t, _, _ in batch], tok)) for batch in batches)
+            results: Iterator = ((batch, tokenize([t for _, t, _, _ in batch], tok)) for batch in batches)
             _pack(results, packers, counts, val_fraction)
         else:
-            with multiprocessing.get_context('fork').Pool(workers, _init_worker, (tokenizer,)) as pool:
+            with multiprocessing.get_context('spawn').Pool(workers, init_worker, (tokenizer,)) as pool:
                 _pack(_in_order(pool, batches, workers * _IN_FLIGHT), packers, counts, val_fraction)
         progress.close()
         summary = {}
