@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import composer_kd
+import composer_kd.data as composer_kd_data
 
 HEAVY = ('torch', 'composer', 'transformers', 'streaming')
 
@@ -18,8 +19,17 @@ def test_help_loads_no_heavy_library() -> None:
     assert 'quickstart' in out and 'prepare-data' in out
 
 
+def test_tokenize_worker_loads_no_heavy_library() -> None:
+    """What a spawned ``prepare-data`` worker imports: every worker pays for it at start."""
+    code = ('import sys\nimport composer_kd.data.tokenize_worker\n'
+            f'print(sorted(m for m in {HEAVY!r} if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]', out
+
+
 def test_public_names_resolve_to_their_modules() -> None:
-    for name in composer_kd.__all__:
-        module = importlib.import_module(composer_kd._EXPORTS[name])
-        assert getattr(composer_kd, name) is getattr(module, name)
-    assert set(composer_kd.__all__) <= set(dir(composer_kd))
+    for package in (composer_kd, composer_kd_data):
+        for name in package.__all__:
+            module = importlib.import_module(package._EXPORTS[name])
+            assert getattr(package, name) is getattr(module, name)
+        assert set(package.__all__) <= set(dir(package))

@@ -166,3 +166,50 @@ def test_prepare_data_refuses_no_workers(capsys, tmp_path, tiny_assets) -> None:
     assert main(['prepare-data', '--input', str(_corpus(tmp_path)), '--tokenizer', str(tiny_assets / 'tokenizer'),
                  '--max-seq-len', '16', '--out', str(tmp_path / 'out'), '--workers', '0']) == 2
     assert '--workers must be at least 1, got 0' in capsys.readouterr().err
+
+
+def test_worker_tokenizer_writes_the_ids_transformers_writes(tiny_assets) -> None:
+    """Workers run the fast tokenizer's Rust backend from its JSON (no transformers import); the ids must be the
+    ones ``tokenizer(texts, add_special_tokens=False)`` gives, special-token text and non-ASCII included."""
+    from transformers import AutoTokenizer
+
+    from composer_kd.data.tokenize_worker import build_tokenizer, tokenize, tokenizer_spec
+    tok = AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer')
+    texts = ['def f(x):\n    return x * 2\n', f'a {tok.eos_token} b', 'naïve café — 東京', '', '  spaces  ']
+    want = tok(texts, add_special_tokens=False)['input_ids']
+    spec = tokenizer_spec(tok, str(tiny_assets / 'tokenizer'))
+    assert spec[0] == 'json'
+    for built in (build_tokenizer(spec), build_tokenizer(('name', str(tiny_assets / 'tokenizer')))):
+        got = tokenize(texts, built)
+        assert [ids.tolist() for ids in got] == want and all(ids.dtype == np.int32 for ids in got)
+
+
+def test_text_pieces_match_a_line_by_line_reference(monkeypatch, tmp_path) -> None:
+    """Pieces read in blocks are the greedy runs of whole lines a line-by-line reader cuts: long lines, a missing
+    final newline, CRLF, a file of exactly one piece, an empty file."""
+    import random
+
+    from composer_kd.data import documents
+    monkeypatch.setattr(documents, 'PIECE_CHARS', 50)
+
+    def reference(text: str) -> list[str]:
+        pieces, piece, size = [], [], 0
+        for line in text.splitlines(keepends=True):
+            if size + len(line) > 50 and piece:
+                pieces.append(''.join(piece))
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        return pieces + [''.join(piece)]
+
+    rng = random.Random(0)
+    texts = ['', 'x' * 50, 'x' * 49 + '\n', 'x' * 51, 'x' * 50 + '\n', 'a\n' * 25 + 'b', 'y' * 120 + '\nshort\n']
+    texts += [''.join('z' * rng.choice([0, 1, 5, 30, 49, 50, 51, 90]) + rng.choice(['\n', '\n', '\r\n'])
+                      for _ in range(rng.randrange(1, 40))) + rng.choice(['', 'tail']) for _ in range(300)]
+    for i, text in enumerate(texts):
+        path = tmp_path / f'{i}.txt'
+        path.write_bytes(text.encode())
+        read = list(documents.read_pieces(path.name, str(path), 'text'))
+        want = reference(text.replace('\r\n', '\n'))  # text mode reads CRLF as LF
+        assert [piece for _, piece, _ in read] == want, text
+        assert [last for _, _, last in read] == [False] * (len(want) - 1) + [True]

@@ -26,9 +26,9 @@ def _calls(tree: ast.AST) -> list[tuple[str, str, ast.Call]]:
 
 
 def _is_lazy_export(path: Path, node: ast.Call) -> bool:
-    """The package root's ``importlib.import_module(_EXPORTS[name])``: a module from its own fixed table."""
+    """A package ``__init__``'s ``importlib.import_module(_EXPORTS[name])``: a module from its own fixed table."""
     arg = node.args[0] if node.args else None
-    return path == PACKAGE / '__init__.py' and isinstance(arg, ast.Subscript) and \
+    return path.name == '__init__.py' and isinstance(arg, ast.Subscript) and \
         isinstance(arg.value, ast.Name) and arg.value.id == '_EXPORTS'
 
 

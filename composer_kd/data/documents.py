@@ -79,12 +79,30 @@ def read_pieces(name: str, path: str, text_key: str) -> Iterator[tuple[str, str,
                     raise ConfigError(f'{path}:{line_no}: expected an object with a string field {text_key!r}')
                 yield f'{name}:{line_no}', record[text_key], True
             return
-        piece: list[str] = []
-        size = 0
-        for line in f:  # lines, so a piece ends at a line end
-            if size + len(line) > PIECE_CHARS and piece:
-                yield name, ''.join(piece), False
-                piece, size = [], 0
-            piece.append(line)
-            size += len(line)
-        yield name, ''.join(piece), True
+        pieces = _line_pieces(f)
+        piece = next(pieces)
+        for following in pieces:  # one piece ahead, to know which is the last
+            yield name, piece, False
+            piece = following
+        yield name, piece, True
+
+
+def _line_pieces(f: IO[str]) -> Iterator[str]:
+    """The text of ``f`` as the longest runs of whole lines of at most ``PIECE_CHARS`` characters (a longer line is
+    a piece of its own); at least one piece, ``''`` for an empty file. Reads blocks, not lines: lines cost the
+    main process a Python step each, and it is the bottleneck when workers tokenize."""
+    carry, started = '', False
+    while True:
+        block = carry + f.read(PIECE_CHARS + 1 - len(carry))  # one character more than a piece: is there more?
+        if len(block) <= PIECE_CHARS:  # the rest of the file
+            if block or not started:
+                yield block
+            return
+        cut = block.rfind('\n', 0, PIECE_CHARS) + 1  # the last line that ends within a piece's length
+        if cut == 0:  # the first line is longer than a piece: all of it
+            cut = block.find('\n') + 1
+            if cut == 0:
+                block += f.readline()
+                cut = len(block)
+        yield block[:cut]
+        carry, started = block[cut:], True

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from composer_kd.data.documents import DEFAULT_EXTENSIONS, find_documents, read_pieces, split_of
 from composer_kd.data.packing import COLUMNS, Packer
 from composer_kd.data.staging import staged_folder
-from composer_kd.data.tokenize_worker import init_worker, tokenize
+from composer_kd.data.tokenize_worker import build_tokenizer, init_worker, tokenize, tokenizer_spec
 from composer_kd.errors import ConfigError
 
 __all__ = ['prepare_data', 'find_documents', 'split_of', 'COLUMNS']
@@ -114,6 +114,7 @@ def prepare_data(inputs: Sequence[str],
     tok = _load_tokenizer(tokenizer)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f'--out: {out} exists and is not empty (pass --overwrite to replace it)')
+    spec = tokenizer_spec(tok, tokenizer)
     bos = _special_ids(tok, bos_text, [])
     eos = _special_ids(tok, eos_text, [tok.eos_token_id] if tok.eos_token_id is not None else [])
     with staged_folder(out) as staging:
@@ -126,10 +127,11 @@ def prepare_data(inputs: Sequence[str],
         progress = tqdm(total=len(documents), desc='prepare-data', unit='file', disable=not progress_bar)
         batches = _batches(documents, text_key, progress)
         if workers == 1:
-            results: Iterator = ((batch, tokenize([t for _, t, _, _ in batch], tok)) for batch in batches)
+            local = build_tokenizer(spec)  # what a worker would run, so 1 and N workers write the same ids
+            results: Iterator = ((batch, tokenize([t for _, t, _, _ in batch], local)) for batch in batches)
             _pack(results, packers, counts, val_fraction)
         else:
-            with multiprocessing.get_context('spawn').Pool(workers, init_worker, (tokenizer,)) as pool:
+            with multiprocessing.get_context('spawn').Pool(workers, init_worker, (spec,)) as pool:
                 _pack(_in_order(pool, batches, workers * _IN_FLIGHT), packers, counts, val_fraction)
         progress.close()
         summary = {}
