@@ -8,14 +8,17 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import rounds_config
 from omegaconf import OmegaConf
+from reliability import record
 from streaming import StreamingDataset
 
 pytestmark = pytest.mark.launcher
@@ -91,8 +94,9 @@ def test_ddp_two_processes_match_one(tmp_path: Path, tiny_assets: Path, referenc
     assert len(got) == 12
 
 
-def _precompute(tmp_path: Path, tiny_assets: Path, nproc: int, out: Path, *overrides: str, fsdp2: bool = False) -> Path:
-    """``composer -n nproc -m composer_kd precompute-teacher`` on the tiny val split; returns the split folder."""
+def _precompute_command(tmp_path: Path, tiny_assets: Path, nproc: int, out: Path, *overrides: str,
+                        fsdp2: bool = False) -> tuple[list[str], dict[str, str]]:
+    """``composer -n nproc -m composer_kd precompute-teacher`` on the tiny val split, and its environment."""
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu-precompute.yaml')
     cfg.variables.assets = str(tiny_assets)
     cfg.precompute.dataset.split = 'val'
@@ -101,8 +105,13 @@ def _precompute(tmp_path: Path, tiny_assets: Path, nproc: int, out: Path, *overr
     config = tmp_path / f'{out.name}.yaml'
     OmegaConf.save(cfg, config)
     env = dict(os.environ, FSDP_VERSION='2') if fsdp2 else dict(os.environ)
-    proc = subprocess.run([*_launcher(tmp_path, nproc), 'precompute-teacher', str(config), *overrides],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return [*_launcher(tmp_path, nproc), 'precompute-teacher', str(config), *overrides], env
+
+
+def _precompute(tmp_path: Path, tiny_assets: Path, nproc: int, out: Path, *overrides: str, fsdp2: bool = False) -> Path:
+    """Runs :func:`_precompute_command` to the end; returns the split folder."""
+    cmd, env = _precompute_command(tmp_path, tiny_assets, nproc, out, *overrides, fsdp2=fsdp2)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     errors = ''.join(p.read_text()[-3000:] for p in tmp_path.glob('rank*.err'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + errors
     return out / 'val'
@@ -114,15 +123,43 @@ def _samples(split: Path) -> list[dict]:
 
 
 def test_precompute_on_two_processes_writes_the_one_process_dataset(tmp_path: Path, tiny_assets: Path) -> None:
+    """Also when the 2-process job is SIGKILLed mid-run and started again with the same command."""
     one = _samples(_precompute(tmp_path, tiny_assets, 1, tmp_path / 'one'))
     assert len(one) == 390
+    killed = _kill_precompute_and_rerun(tmp_path, tiny_assets)
     # FSDP2 with the teacher loaded on rank 0 only (init_device: mixed): rank 1 gets its shard from rank 0.
     for name, fsdp2, extra in (('two', False, ()), ('fsdp2', True, ('fsdp_config={state_dict_type: sharded}',
                                                                     'model.teacher.init_device=mixed'))):
         two = _samples(_precompute(tmp_path, tiny_assets, 2, tmp_path / name, *extra, fsdp2=fsdp2))
-        assert len(two) == len(one), name
-        for a, b in zip(two, one):  # sample for sample, every column, bit for bit
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (name, a['sample_index'])
+        for got, label in ((two, name), *(((killed, 'killed'),) if name == 'two' else ())):
+            assert len(got) == len(one), label
+            for a, b in zip(got, one):  # sample for sample, every column, bit for bit
+                assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (label, a['sample_index'])
+
+
+def _kill_precompute_and_rerun(tmp_path: Path, tiny_assets: Path) -> list[dict]:
+    """SIGKILLs a 2-process precompute (both ranks writing parts) once 13 parts are complete, reruns it, checks
+    the complete parts were kept, and returns the finished dataset's samples."""
+    cmd, env = _precompute_command(tmp_path, tiny_assets, 2, tmp_path / 'killed', 'precompute.samples_per_part=8')
+    split = tmp_path / 'killed' / 'val'
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(split.glob('part-*'))) < 13 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a node failure would
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    kept = {p.name: p.stat().st_ino for p in split.glob('part-*')}
+    assert 13 <= len(kept) < 49 and not (split / 'teacher_topk.json').exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p.name: p.stat().st_ino for p in split.glob('part-*') if p.name in kept} == kept  # complete parts kept
+    assert not list(split.glob('.part-*'))  # the parts being written when killed are gone
+    record('SIGKILL of a 2-process precompute-teacher job (both ranks writing parts)', 'the same command finishes '
+           f'it: the {len(kept)} complete parts kept, the parts being written discarded',
+           lost='nothing: the dataset equals a 1-process run\'s, sample by sample')
+    return _samples(split)
 
 
 def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:

@@ -17,7 +17,7 @@ from composer_kd.errors import ConfigError
 
 __all__ = ['PIECE_CHARS', 'DEFAULT_EXTENSIONS', 'split_of', 'find_documents', 'read_pieces']
 
-PIECE_CHARS = 4 * 2**20
+PIECE_CHARS = 2**20  # a tokenizers Encoding costs ~500 bytes a token: ~150 MB for a piece of this size
 DEFAULT_EXTENSIONS = ('.txt', '.jsonl', '.jsonl.gz')
 
 

@@ -92,7 +92,9 @@ def prepare_data(inputs: Sequence[str],
     returns ``{split: {'samples', 'tokens', 'documents'}}``.
 
     Args:
-        workers (int, optional): tokenizing processes (default: every core; 1 tokenizes in this process).
+        workers (int, optional): tokenizing processes (default: every core; 1 tokenizes in this process). They
+            are spawned, so a script that calls this with more than one worker needs the usual
+            ``if __name__ == '__main__':`` guard (a notebook or the CLI does not).
         bos_text (str, optional): text put before each document (default: nothing).
         eos_text (str, optional): text put after each document (default: the tokenizer's EOS token).
         no_wrap (bool): drop what is left of a document after a sample is cut, instead of continuing it.

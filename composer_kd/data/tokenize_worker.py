@@ -50,5 +50,7 @@ def tokenize(texts: list[str], tokenizer: Optional[Any] = None) -> list[np.ndarr
     tok = tokenizer if tokenizer is not None else _worker_tokenizer
     assert tok is not None, 'init_worker was not called'
     if hasattr(tok, 'encode_batch'):  # tokenizers.Tokenizer
-        return [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts, add_special_tokens=False)]
+        # One text at a time: an Encoding holds ~500 bytes a token (strings, offsets, masks), so a whole batch's
+        # would cost hundreds of MB; the ids alone are kept. (Threads are off: TOKENIZERS_PARALLELISM=false.)
+        return [np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int32) for text in texts]
     return [np.asarray(ids, dtype=np.int32) for ids in tok(texts, add_special_tokens=False)['input_ids']]
