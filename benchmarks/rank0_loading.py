@@ -5,9 +5,11 @@ Makes a GPT-2-style teacher of about 300 MB (fp32) for the tiny tokenizer, runs 
 on 2 processes with FSDP2 (CPU, gloo) once per mode, and once with the tiny teacher (what a rank costs without a
 big teacher), and prints one JSON object: the teacher's size, each rank's peak RSS (``ru_maxrss``) when training
 starts and over the whole run, what the big teacher adds to rank 1's peaks per mode (its share is half the
-teacher), and whether the two modes trained the same student (every exported weight ``torch.equal``).
+teacher), and whether the two modes trained the same student (every exported weight ``torch.equal``). Two more
+runs (big and tiny teacher, ``mixed``) trace the live memory at each teacher block's entry and exit: what rank 1
+holds while the teacher runs, apart from the collectives' own transient buffers.
 
-    python benchmarks/rank0_loading.py                 # about 3 minutes on 2 CPU cores
+    python benchmarks/rank0_loading.py                 # about 5 minutes on 2 CPU cores
 """
 
 import argparse
@@ -25,16 +27,33 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # Each rank runs the CLI through this snippet, which prints its peak RSS when training starts (everything loaded,
-# sharded and synced) and when it exits (training steps included).
-_RANK = ('import atexit, os, resource, sys\n'
+# sharded and synced) and when it exits (training steps included). With TRACE_BLOCKS=1 it also prints the most
+# live memory seen at the entry and exit of the teacher's FSDP units (each transformer block) during training:
+# RSS read after ``malloc_trim(0)``, so memory glibc keeps after a free does not count (that run's peaks are not
+# reported: trimming lowers them).
+_RANK = ('import atexit, ctypes, os, resource, sys\n'
+         'import psutil\n'
          'from composer import Trainer\n'
          'def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n'
+         'live = [0.0]\n'
+         'def record(*args):\n'
+         '    ctypes.CDLL("libc.so.6").malloc_trim(0)\n'
+         '    live[0] = max(live[0], psutil.Process().memory_info().rss / 2**20)\n'
+         'def trace(model):\n'
+         '    from torch.distributed.fsdp import FSDPModule\n'
+         '    for unit in model.teachers.modules():\n'
+         '        if isinstance(unit, FSDPModule):\n'
+         '            unit.register_forward_pre_hook(record)\n'
+         '            unit.register_forward_hook(record)\n'
          'fit = Trainer.fit\n'
          'def traced(self, *a, **k):\n'
          '    print(f"LOADED_PEAK_MB {os.environ[\'RANK\']} {peak():.1f}", flush=True)\n'
+         '    if os.environ.get("TRACE_BLOCKS") == "1":\n'
+         '        trace(self.state.model.module if hasattr(self.state.model, "module") else self.state.model)\n'
          '    return fit(self, *a, **k)\n'
          'Trainer.fit = traced\n'
          'atexit.register(lambda: print(f"PEAK_RSS_MB {os.environ[\'RANK\']} {peak():.1f}", flush=True))\n'
+         'atexit.register(lambda: print(f"BLOCK_LIVE_MB {os.environ[\'RANK\']} {live[0]:.1f}", flush=True))\n'
          'from composer_kd.cli import main\n'
          'sys.exit(main(sys.argv[1:]))\n')
 
@@ -49,7 +68,8 @@ def _big_teacher(assets: Path, out: Path, layers: int, width: int) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def _run(work: Path, assets: Path, teacher: Path, mode: str, steps: int, name: str) -> dict[str, float]:
+def _run(work: Path, assets: Path, teacher: Path, mode: str, steps: int, name: str,
+         trace: bool = False) -> dict[str, float]:
     script = work / 'rank.py'
     script.write_text(_RANK)
     logs = ['--stdout', str(work / f'{name}-rank{{rank}}.out'), '--stderr', str(work / f'{name}-rank{{rank}}.err')]
@@ -58,13 +78,17 @@ def _run(work: Path, assets: Path, teacher: Path, mode: str, steps: int, name: s
            f'model.student.init_device={mode}', f'model.teacher.init_device={mode}', f'max_duration={steps}ba',
            'eval_loader=null', f'save_interval={steps}ba', 'fsdp_config={state_dict_type: sharded}',
            f'save_folder={work / name}', 'log_to_console=false', 'progress_bar=false']
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, FSDP_VERSION='2'), timeout=900)
+    env = dict(os.environ, FSDP_VERSION='2', TRACE_BLOCKS='1' if trace else '0')
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         errors = ''.join(p.read_text()[-2000:] for p in work.glob(f'{name}-rank*.err'))
         raise SystemExit(f'{name} run failed ({proc.returncode}): {proc.stderr[-2000:]}{errors}')
     # Rank 0 prints to the launcher's stdout, the others to their --stdout files.
     texts = [proc.stdout, *(out.read_text() for out in sorted(work.glob(f'{name}-rank*.out')))]
     peaks = {}
+    if trace:
+        found = [m for text in texts for m in re.findall(r'BLOCK_LIVE_MB (\d+) ([0-9.]+)', text)]
+        return {f'rank{rank}_live_mb': float(mb) for rank, mb in sorted(found)}
     for tag, phase in (('LOADED_PEAK_MB', 'loaded'), ('PEAK_RSS_MB', 'run')):
         found = [m for text in texts for m in re.findall(rf'{tag} (\d+) ([0-9.]+)', text)]
         peaks.update({f'rank{rank}_{phase}_peak_mb': float(mb) for rank, mb in sorted(found)})
@@ -89,6 +113,9 @@ def main() -> None:
         runs = {mode: _run(work, assets, work / 'teacher', mode, args.steps, mode) for mode in ('cpu', 'mixed')}
         # The same run with the tiny teacher (0.2 MB): what a rank costs without the big one (torch, data, student).
         runs['tiny_teacher'] = _run(work, assets, assets / 'teacher', 'mixed', args.steps, 'tiny')
+        # Live memory inside the teacher's forward (see _RANK), big teacher with `mixed` against the tiny teacher.
+        live = {name: _run(work, assets, teacher, 'mixed', args.steps, f'trace-{name}', trace=True)
+                for name, teacher in (('big', work / 'teacher'), ('tiny', assets / 'teacher'))}
         students = [load_file(work / f'{mode}-student' / 'model.safetensors') for mode in ('cpu', 'mixed')]
         same = students[0].keys() == students[1].keys() and all(torch.equal(students[0][k], students[1][k])
                                                                 for k in students[0])
@@ -103,6 +130,9 @@ def main() -> None:
             mode: {phase: round(runs[mode][f'rank1_{phase}_peak_mb'] - runs['tiny_teacher'][f'rank1_{phase}_peak_mb'],
                                 1) for phase in ('loaded', 'run')} for mode in ('cpu', 'mixed')
         },
+        # The most live memory (after malloc_trim) at any teacher block's entry or exit during training, on
+        # rank 1, beyond the tiny-teacher run: its share plus the blocks FSDP has gathered at that moment.
+        'rank1_live_in_teacher_forward_mb': round(live['big']['rank1_live_mb'] - live['tiny']['rank1_live_mb'], 1),
         'same_student': same,
     }, indent=1))
 
