@@ -64,6 +64,22 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope='session')
+def tiny_topk(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Path) -> Path:
+    """The tiny val split's teacher top-k (``yamls/tiny-cpu-precompute.yaml``), precomputed once per session on 1
+    process; returns the folder holding ``val``. Read-only for the tests that share it."""
+    from composer_kd.cli import main
+    tmp = tmp_path_factory.mktemp('topk')
+    cfg = OmegaConf.load(TINY_YAML.parent / 'tiny-cpu-precompute.yaml')
+    cfg.variables.assets = str(tiny_assets)
+    cfg.precompute.dataset.split = 'val'
+    cfg.precompute.out.local = str(tmp / 'topk')
+    cfg.precompute.progress_bar = False
+    OmegaConf.save(cfg, tmp / 'precompute.yaml')
+    assert main(['precompute-teacher', str(tmp / 'precompute.yaml')]) == 0
+    return tmp / 'topk'
+
+
+@pytest.fixture(scope='session')
 def fast_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``composer-kd quickstart --fast`` run once per test session through the CLI (tests copy it to modify it)."""
     from composer_kd.cli import main

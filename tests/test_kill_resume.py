@@ -22,8 +22,6 @@ from omegaconf import OmegaConf
 from reliability import record
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from composer_kd.cli import main
-
 pytestmark = pytest.mark.launcher
 
 STEPS = 12
@@ -37,17 +35,20 @@ MODES = {
 
 
 @pytest.fixture(scope='module')
-def topk(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Path) -> Path:
-    """The tiny train split's first batches' teacher, precomputed (for the offline mode)."""
-    tmp = tmp_path_factory.mktemp('topk')
-    cfg = OmegaConf.load(REPO / 'yamls' / 'tiny-cpu-precompute.yaml')
-    cfg.variables.assets = str(tiny_assets)
-    cfg.precompute.dataset.split = 'val'
-    cfg.precompute.out.local = str(tmp / 'topk')
-    cfg.precompute.progress_bar = False
-    OmegaConf.save(cfg, tmp / 'precompute.yaml')
-    assert main(['precompute-teacher', str(tmp / 'precompute.yaml')]) == 0
-    return tmp / 'topk'
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Path) -> Path:
+    """An uninterrupted 2-process DDP run (the kill and the SIGTERM tests compare against it): its run folder."""
+    tmp = tmp_path_factory.mktemp('ddp-reference')
+    _run(tmp, _config(tmp, tiny_assets, 'ddp', None), 'reference', 'ddp')
+    return tmp / 'runs' / 'reference'
+
+
+def _reference(tmp_path: Path, config: Path, mode: str, request: pytest.FixtureRequest) -> None:
+    """``tmp_path/runs/reference``: the shared DDP run (checkpoint interval aside, the same recipe), or a new one."""
+    if mode == 'ddp':
+        (tmp_path / 'runs').mkdir(exist_ok=True)
+        (tmp_path / 'runs' / 'reference').symlink_to(request.getfixturevalue('ddp_reference'))
+    else:
+        _run(tmp_path, config, 'reference', mode)
 
 
 def _config(tmp_path: Path, tiny_assets: Path, mode: str, topk: Path | None) -> Path:
@@ -139,8 +140,8 @@ def _start(tmp_path: Path, config: Path, run_name: str, mode: str,
 @pytest.mark.parametrize('mode', list(MODES))
 def test_killed_at_random_moments_resumes_bit_identically(tmp_path: Path, tiny_assets: Path, mode: str,
                                                            request: pytest.FixtureRequest) -> None:
-    config = _config(tmp_path, tiny_assets, mode, request.getfixturevalue('topk') if mode == 'offline' else None)
-    _run(tmp_path, config, 'reference', mode)
+    config = _config(tmp_path, tiny_assets, mode, request.getfixturevalue('tiny_topk') if mode == 'offline' else None)
+    _reference(tmp_path, config, mode, request)
     checkpoints = tmp_path / 'runs' / 'killed' / 'checkpoints'
     rng = random.Random(f'{mode}-10')
     kills: list[int] = []
@@ -169,11 +170,13 @@ def test_killed_at_random_moments_resumes_bit_identically(tmp_path: Path, tiny_a
            'uninterrupted run, every (step, sample) once; the steps since the last checkpoint are recomputed')
 
 
-def test_sigterm_to_the_job_checkpoints_exits_and_resumes_bit_identically(tmp_path: Path, tiny_assets: Path) -> None:
+def test_sigterm_to_the_job_checkpoints_exits_and_resumes_bit_identically(tmp_path: Path, tiny_assets: Path,
+                                                                          request: pytest.FixtureRequest) -> None:
     config = _config(tmp_path, tiny_assets, 'ddp', None)
     config_text = config.read_text().replace("save_interval: 1ba", "save_interval: 100ba")
+    assert config_text != config.read_text()
     config.write_text(config_text)
-    _run(tmp_path, config, 'reference', 'ddp')
+    _reference(tmp_path, config, 'ddp', request)
     log = tmp_path / 'launcher.log'  # rank 0 prints through the launcher; the other ranks to their files
     with log.open('w') as out:
         proc = _start(tmp_path, config, 'preempted', 'ddp', out)

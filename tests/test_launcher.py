@@ -122,9 +122,10 @@ def _samples(split: Path) -> list[dict]:
     return [dataset[i] for i in range(dataset.num_samples)]
 
 
-def test_precompute_on_two_processes_writes_the_one_process_dataset(tmp_path: Path, tiny_assets: Path) -> None:
+def test_precompute_on_two_processes_writes_the_one_process_dataset(tmp_path: Path, tiny_assets: Path,
+                                                                   tiny_topk: Path) -> None:
     """Also when the 2-process job is SIGKILLed mid-run and started again with the same command."""
-    one = _samples(_precompute(tmp_path, tiny_assets, 1, tmp_path / 'one'))
+    one = _samples(tiny_topk / 'val')  # the same recipe on 1 process
     assert len(one) == 390
     killed = _kill_precompute_and_rerun(tmp_path, tiny_assets)
     # FSDP2 with the teacher loaded on rank 0 only (init_device: mixed): rank 1 gets its shard from rank 0.
@@ -162,8 +163,8 @@ def _kill_precompute_and_rerun(tmp_path: Path, tiny_assets: Path) -> list[dict]:
     return _samples(split)
 
 
-def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path) -> None:
-    topk = _precompute(tmp_path, tiny_assets, 2, tmp_path / 'topk').parent
+def test_offline_distillation_on_two_processes_matches_one(tmp_path: Path, tiny_assets: Path, tiny_topk: Path) -> None:
+    topk = tiny_topk  # the 2-process precompute writes the same dataset (the test above)
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / 'yamls' / 'tiny-cpu-offline.yaml')
     cfg.variables.assets = str(tiny_assets)
     cfg.variables.topk = str(topk)
