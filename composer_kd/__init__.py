@@ -4,8 +4,9 @@ The public names load on first use (PEP 562), so ``composer-kd --help`` and ``im
 torch, Composer and transformers; ``from composer_kd import DistillationModel`` works as usual.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from composer_kd.lazy_exports import lazy_exports
 
 __version__ = '0.1.0'
 
@@ -42,13 +43,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from composer_kd.model.metrics import TeacherTop1Agreement as TeacherTop1Agreement
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

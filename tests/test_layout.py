@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'composer_kd'
 # Lower numbers are lower layers. The package root (__init__, __main__) re-exports and may import any layer.
 LAYERS = {
     'errors': 0,
+    'lazy_exports': 0,
     'losses': 1,
     'data': 2,
     'model': 3,

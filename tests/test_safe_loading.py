@@ -26,10 +26,10 @@ def _calls(tree: ast.AST) -> list[tuple[str, str, ast.Call]]:
 
 
 def _is_lazy_export(path: Path, node: ast.Call) -> bool:
-    """A package ``__init__``'s ``importlib.import_module(_EXPORTS[name])``: a module from its own fixed table."""
+    """``lazy_exports``'s ``importlib.import_module(exports[name])``: a module from a package's own fixed table."""
     arg = node.args[0] if node.args else None
-    return path.name == '__init__.py' and isinstance(arg, ast.Subscript) and \
-        isinstance(arg.value, ast.Name) and arg.value.id == '_EXPORTS'
+    return path == PACKAGE / 'lazy_exports.py' and isinstance(arg, ast.Subscript) and \
+        isinstance(arg.value, ast.Name) and arg.value.id == 'exports'
 
 
 def test_no_code_from_configs_or_pickles() -> None:

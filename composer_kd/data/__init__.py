@@ -4,8 +4,9 @@ The re-exported names load on first use (PEP 562), so a spawned ``prepare-data``
 ``composer_kd.data.tokenize_worker`` does not pay for torch and Streaming.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from composer_kd.lazy_exports import lazy_exports
 
 _EXPORTS = {
     name: 'composer_kd.data.tokens'
@@ -24,13 +25,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from composer_kd.data.tokens import token_data_spec as token_data_spec
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
