@@ -1,8 +1,8 @@
 """The real ``composer`` launcher with 2 CPU processes: DDP against a 1-process reference (kills and resumes of
-DDP, FSDP2 and offline runs: ``test_kill_resume.py``), ``precompute-teacher`` on 2 processes (and with
-FSDP2) writing the same dataset as on 1, offline distillation on 2 processes against 1, and a sharded teacher
-ensemble against 1 process, the fused LM-head loss sharded on 2 processes against the logits path on 1, rounds
-and per-sample logs on 2 processes against 1. Slow (about 5 minutes on 2 cores)."""
+DDP, FSDP2 and offline runs: ``test_kill_resume.py``), ``precompute-teacher`` on 2 processes (and with FSDP2, and
+killed and restarted) writing the same dataset as on 1, offline distillation on 2 processes against 1, a sharded
+teacher ensemble against 1 process, the fused LM-head loss sharded on 2 processes against the logits path on 1,
+rounds and per-sample logs on 2 processes against 1. Slow (about 6 minutes on 2 cores)."""
 
 import csv
 import json
