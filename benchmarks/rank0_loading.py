@@ -49,7 +49,8 @@ _RANK = ('import atexit, ctypes, os, resource, sys\n'
          'def traced(self, *a, **k):\n'
          '    print(f"LOADED_PEAK_MB {os.environ[\'RANK\']} {peak():.1f}", flush=True)\n'
          '    if os.environ.get("TRACE_BLOCKS") == "1":\n'
-         '        trace(self.state.model.module if hasattr(self.state.model, "module") else self.state.model)\n'
+         '        from composer_kd.callbacks.unwrap import composer_model\n'
+         '        trace(composer_model(self.state))\n'
          '    return fit(self, *a, **k)\n'
          'Trainer.fit = traced\n'
          'atexit.register(lambda: print(f"PEAK_RSS_MB {os.environ[\'RANK\']} {peak():.1f}", flush=True))\n'
@@ -85,10 +86,10 @@ def _run(work: Path, assets: Path, teacher: Path, mode: str, steps: int, name: s
         raise SystemExit(f'{name} run failed ({proc.returncode}): {proc.stderr[-2000:]}{errors}')
     # Rank 0 prints to the launcher's stdout, the others to their --stdout files.
     texts = [proc.stdout, *(out.read_text() for out in sorted(work.glob(f'{name}-rank*.out')))]
-    peaks = {}
     if trace:
         found = [m for text in texts for m in re.findall(r'BLOCK_LIVE_MB (\d+) ([0-9.]+)', text)]
         return {f'rank{rank}_live_mb': float(mb) for rank, mb in sorted(found)}
+    peaks = {}
     for tag, phase in (('LOADED_PEAK_MB', 'loaded'), ('PEAK_RSS_MB', 'run')):
         found = [m for text in texts for m in re.findall(rf'{tag} (\d+) ([0-9.]+)', text)]
         peaks.update({f'rank{rank}_{phase}_peak_mb': float(mb) for rank, mb in sorted(found)})
