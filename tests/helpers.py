@@ -1,8 +1,12 @@
 """Small builders and checks shared by the tests."""
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -75,3 +79,25 @@ def rounds_config(tmp_path: Path, tiny_assets: Path, rounds: list | None = None)
     path = tmp_path / 'rounds.yaml'
     OmegaConf.save(cfg, path)
     return path
+
+
+def kill_after_parts(cmd: list[str], split: Path, parts: int, timeout: float,
+                     env: Optional[dict[str, str]] = None) -> dict[str, int]:
+    """Runs a ``precompute-teacher`` command in a session of its own and SIGKILLs the whole group (launcher and
+    ranks, as a node failure would) once ``split`` holds ``parts`` complete parts; returns each complete part's
+    inode, for :func:`assert_parts_kept` after the rerun."""
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while len(list(split.glob('part-*'))) < parts and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    return {p.name: p.stat().st_ino for p in split.glob('part-*')}
+
+
+def assert_parts_kept(split: Path, kept: dict[str, int]) -> None:
+    """After the rerun: the parts complete at the kill are the same files, and no part in progress is left."""
+    assert {p.name: p.stat().st_ino for p in split.glob('part-*') if p.name in kept} == kept
+    assert not list(split.glob('.part-*'))

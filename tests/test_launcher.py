@@ -8,15 +8,13 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import rounds_config
+from helpers import assert_parts_kept, kill_after_parts, rounds_config
 from omegaconf import OmegaConf
 from reliability import record
 from streaming import StreamingDataset
@@ -143,20 +141,11 @@ def _kill_precompute_and_rerun(tmp_path: Path, tiny_assets: Path) -> list[dict]:
     the complete parts were kept, and returns the finished dataset's samples."""
     cmd, env = _precompute_command(tmp_path, tiny_assets, 2, tmp_path / 'killed', 'precompute.samples_per_part=8')
     split = tmp_path / 'killed' / 'val'
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(list(split.glob('part-*'))) < 13 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a node failure would
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
-    kept = {p.name: p.stat().st_ino for p in split.glob('part-*')}
+    kept = kill_after_parts(cmd, split, 13, 300, env)
     assert 13 <= len(kept) < 49 and not (split / 'teacher_topk.json').exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert {p.name: p.stat().st_ino for p in split.glob('part-*') if p.name in kept} == kept  # complete parts kept
-    assert not list(split.glob('.part-*'))  # the parts being written when killed are gone
+    assert_parts_kept(split, kept)  # complete parts kept, the parts being written when killed gone
     record('SIGKILL of a 2-process precompute-teacher job (both ranks writing parts)', 'the same command finishes '
            f'it: the {len(kept)} complete parts kept, the parts being written discarded',
            lost='nothing: the dataset equals a 1-process run\'s, sample by sample')

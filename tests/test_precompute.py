@@ -2,18 +2,14 @@
 encodings, a complete rerun that writes nothing, a SIGKILLed run finished by the same command, bad inputs."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_cli_error
+from helpers import assert_cli_error, assert_parts_kept, kill_after_parts
 from omegaconf import OmegaConf
 from reliability import record
 from streaming import MDSWriter, StreamingDataset
@@ -113,20 +109,12 @@ def test_killed_run_is_finished_by_the_same_command(tmp_path: Path, precompute_c
     assert main(['precompute-teacher', str(reference_config)]) == 0
     config = precompute_config(**edits)
     split = tmp_path / 'out' / 'val'
-    proc = subprocess.Popen([sys.executable, '-m', 'composer_kd', 'precompute-teacher', str(config)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (split / 'part-00012').exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
-    kept = {p.name: p.stat().st_ino for p in split.glob('part-*')}
+    # On 1 process parts complete in order: 13 complete parts means part-00012 is written.
+    kept = kill_after_parts([sys.executable, '-m', 'composer_kd', 'precompute-teacher', str(config)], split, 13, 120)
     assert 13 <= len(kept) < 49 and not (split / 'teacher_topk.json').exists()
 
     assert main(['precompute-teacher', str(config)]) == 0
-    assert {p.name: p.stat().st_ino for p in split.glob('part-*') if p.name in kept} == kept  # complete parts kept
-    assert not list(split.glob('.part-*'))  # the part being written when killed is gone
+    assert_parts_kept(split, kept)  # complete parts kept, the part being written when killed gone
     got, want = _samples(split), _samples(tmp_path / 'reference' / 'val')
     assert len(got) == len(want) == 390
     for a, b in zip(got, want):
