@@ -256,10 +256,11 @@ def test_head_tap_is_inert_outside_its_context() -> None:
 def test_liger_qualifies_only_where_it_computes_the_same_objective() -> None:
     from composer_kd.losses.liger import liger_refusal
     student, teacher, labels = _head(H, V, 1), _head(H, V, 2), _labels()
-    assert liger_refusal(student, [teacher], None, 'forward_kl', labels) == 'Liger\'s kernels run on CUDA only'
-    if torch.cuda.is_available():  # the CPU machine stops at the device; the rest is checked where CUDA is
-        assert liger_refusal(student, [teacher], None, 'tvd', labels).startswith('divergence \'tvd\'')
-        assert liger_refusal(student, [teacher, teacher], None, 'jsd', labels) == '2 teachers (Liger distils from one)'
+    if not torch.cuda.is_available():  # the objective is checked before the machine
+        assert liger_refusal(student, [teacher], None, 'forward_kl', labels) == 'Liger\'s kernels run on CUDA only'
+    assert liger_refusal(student, [teacher], None, 'tvd', labels).startswith('divergence \'tvd\'')
+    assert liger_refusal(student, [teacher, teacher], None, 'jsd', labels) == '2 teachers (Liger distils from one)'
+    assert liger_refusal(_head(H, V, 1, bias=True), [teacher], None, 'jsd', labels) == 'a head with a bias'
 
 
 def test_liger_option_falls_back_to_ours_and_says_why(caplog: pytest.LogCaptureFixture) -> None:

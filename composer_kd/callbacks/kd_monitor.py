@@ -33,7 +33,9 @@ class KDMonitor(Callback):
             raise ValueError(f'interval must be a positive integer, got {interval!r}')
         self.interval = interval
 
-    def batch_start(self, state: State, logger: Logger) -> None:
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        # Not BATCH_START: Composer reruns a batch's microbatches after an out-of-memory error (microbatch size
+        # 'auto') from here, without a new BATCH_START, and its sums must start again with them.
         model = composer_model(state)
         model.stat_sums = {} if int(state.timestamp.batch) % self.interval == 0 else None
 

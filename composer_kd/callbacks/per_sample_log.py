@@ -84,7 +84,8 @@ class PerSampleLog(Callback):
             finally:
                 self._queue.task_done()
 
-    def batch_start(self, state: State, logger: Logger) -> None:
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        # Not BATCH_START: an out-of-memory retry reruns the batch's microbatches from here (see KDMonitor).
         composer_model(state).sample_records = []
 
     def after_train_batch(self, state: State, logger: Logger) -> None:

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from composer_kd.losses.precision import float32_reductions, scale_
+
 __all__ = ['LossSums', 'RowsFn', 'autograd_rows', 'chunked_loss_sums', 'default_chunk_elements']
 
 _DENSE_FRACTION = 0.75  # walk contiguous ranges when at least this share of positions is scored
@@ -101,19 +103,20 @@ class _ChunkedLoss(torch.autograd.Function):
             if not dense:
                 grad.index_fill_(0, (~scored).nonzero().squeeze(1), 0.0)
         sums = LossSums(alpha, temperature, dtype, student_logits.device)
-        for start in range(0, positions if dense else rows.numel(), chunk_rows):
-            # A range of positions (a view; padding rows masked by `valid`), or a gather of scored rows.
-            index = slice(start, start + chunk_rows) if dense else rows[start:start + chunk_rows]
-            valid = scored[index] if dense else None
-            student = flat_student[index].detach().to(dtype)
-            ce, kd, chunk_grad = rows_fn(student, tuple(t[index] for t in teacher), targets[index], needs_grad)
-            if valid is not None:  # padding rows inside a dense range count for nothing
-                ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
-            sums.add(ce, kd)
-            if needs_grad:
-                if valid is not None:
-                    chunk_grad.masked_fill_(~valid[:, None], 0.0)
-                grad[index] = chunk_grad.div_(n).to(grad.dtype)  # index_put does not cast (bf16 logits)
+        with float32_reductions(student_logits.device):
+            for start in range(0, positions if dense else rows.numel(), chunk_rows):
+                # A range of positions (a view; padding rows masked by `valid`), or a gather of scored rows.
+                index = slice(start, start + chunk_rows) if dense else rows[start:start + chunk_rows]
+                valid = scored[index] if dense else None
+                student = flat_student[index].detach().to(dtype)
+                ce, kd, chunk_grad = rows_fn(student, tuple(t[index] for t in teacher), targets[index], needs_grad)
+                if valid is not None:  # padding rows inside a dense range count for nothing
+                    ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
+                sums.add(ce, kd)
+                if needs_grad:
+                    if valid is not None:
+                        chunk_grad.masked_fill_(~valid[:, None], 0.0)
+                    grad[index] = chunk_grad.div_(n).to(grad.dtype)  # index_put does not cast (bf16 logits)
         ctx.grad, ctx.student_shape = grad, student_logits.shape
         return sums.finish(ctx, n)
 
@@ -123,7 +126,7 @@ class _ChunkedLoss(torch.autograd.Function):
         if ctx.grad is None:
             raise RuntimeError('the distillation loss computes its gradient once; call backward on it only once')
         grad, ctx.grad = ctx.grad, None
-        return (None, grad.mul_(grad_total.to(grad.dtype)).view(ctx.student_shape)) + (None,) * 9
+        return (None, scale_(grad, grad_total).view(ctx.student_shape)) + (None,) * 9
 
 
 def chunked_loss_sums(student_logits: torch.Tensor,

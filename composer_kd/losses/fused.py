@@ -27,6 +27,7 @@ from composer_kd.losses.arguments import (
 from composer_kd.losses.chunked import LossSums, RowsFn
 from composer_kd.losses.dense import dense_rows_fn
 from composer_kd.losses.ensemble import check_ensemble_weights, ensemble_teacher_logits
+from composer_kd.losses.precision import float32_reductions, scale_
 from composer_kd.losses.topk import TopKTeacher, check_topk_teacher, topk_rows
 
 __all__ = [
@@ -89,8 +90,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_rows):
             index = rows[start:start + chunk_rows]
             h = flat[index]  # (C, H)
-            student = F.linear(h, w, b).to(dtype)  # (C, V)
-            ce, kd, g = rows_fn(student, teacher_rows(index), targets[index], needs_grad)
+            student = F.linear(h, w, b).to(dtype)  # (C, V); under autocast in bf16, as the logits path has it
+            teacher = teacher_rows(index)
+            with float32_reductions(hidden.device):
+                ce, kd, g = rows_fn(student, teacher, targets[index], needs_grad)
             sums.add(ce, kd)
             if not needs_grad:
                 continue
@@ -114,10 +117,9 @@ class _FusedHeadLoss(torch.autograd.Function):
             raise RuntimeError('the distillation loss computes its gradient once; call backward on it only once')
         (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None
         hidden_shape, weight_dtype, bias_dtype = ctx.shapes
-        scale = grad_total.to(torch.float32)
-        grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype)).view(hidden_shape)
-        grad_w = None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype)).to(weight_dtype)
-        grad_b = None if grad_b is None else grad_b.mul_(scale.to(grad_b.dtype)).to(bias_dtype)
+        grad_h = None if grad_h is None else scale_(grad_h, grad_total).view(hidden_shape)
+        grad_w = None if grad_w is None else scale_(grad_w, grad_total).to(weight_dtype)  # summed in float32
+        grad_b = None if grad_b is None else scale_(grad_b, grad_total).to(bias_dtype)
         return (None, grad_h, grad_w, grad_b) + (None,) * 10
 
 

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from composer_kd.losses.fused import LinearHead, head_logits, plan_fused_loss
+from composer_kd.losses.precision import float32_reductions
 from composer_kd.losses.topk import TopKTeacher
 
 __all__ = ['fused_token_sums']
@@ -49,6 +50,7 @@ def fused_token_sums(student: LinearHead,
         if plan.teacher != 'none':  # the teacher's most likely id: first of the top-k, else the argmax
             top1 = teacher[0][:, 0] if plan.teacher == 'topk' else teacher[0].argmax(dim=-1)
             agree = (logits.argmax(dim=-1) == top1).sum()
-        ce, kd, _ = plan.rows_fn(logits, teacher, plan.targets[index], False)
+        with float32_reductions(device):
+            ce, kd, _ = plan.rows_fn(logits, teacher, plan.targets[index], False)
         sums += torch.stack([ce.sum().double(), kd.sum().double(), agree.double()])
     return {'ce': sums[0], 'kd': sums[1], 'top1': sums[2], 'tokens': plan.rows.new_tensor(plan.rows.numel())}

@@ -288,7 +288,7 @@ class DistillationModel(HuggingFaceModel):
         """With ``fused_head='liger'``: whether Liger computes this batch's loss; says once why not."""
         if self.fused_head != 'liger':
             return False
-        reason = liger_refusal(student, teachers, topk, self.divergence, labels)
+        reason = liger_refusal(student, teachers, topk, self.divergence, labels, self.divergence_kwargs)
         if reason is not None and not self._liger_fallback_said:
             log.warning('fused_head=liger: using composer-kd\'s fused loss instead of Liger\'s because of %s', reason)
             self._liger_fallback_said = True

@@ -6,7 +6,8 @@ Shapes: B batch, T sequence length, V the shared vocabulary (``len(tokenizer)``)
 Composer makes every direct child of the ``ComposerModel`` its own FSDP root and asks that child's
 ``fsdp_wrap_fn`` which descendants become units; this container answers for all its teachers (each teacher and
 each of its transformer blocks), so every teacher is sharded block by block and none is ever
-activation-checkpointed.
+activation-checkpointed. FSDP1 also asks the child alone for ``param_init_fn`` (weights built on ``meta``): the
+container hands each module to the teacher that owns it.
 """
 
 import functools
@@ -61,6 +62,14 @@ class FrozenTeachers(torch.nn.Module):
         self.fsdp_wrap_fn = functools.partial(_wraps, tuple(teachers), block_names)
         self.activation_checkpointing_fn = _never
         self._taps = [HeadTap(t) for t in teachers] if heads else None
+
+    def param_init_fn(self, module: torch.nn.Module) -> None:
+        """Initialises ``module`` (built on ``meta``) as the teacher that owns it does (``prepare_for_fsdp``)."""
+        for teacher in self.members:
+            if any(m is module for m in teacher.modules()):
+                teacher.param_init_fn(module)
+                return
+        raise ValueError(f'{type(module).__name__} belongs to none of the teachers')
 
     def train(self, mode: bool = True) -> 'FrozenTeachers':
         del mode

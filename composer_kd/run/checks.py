@@ -8,6 +8,7 @@ from composer.utils import FSDP2Config, FSDPConfig
 
 from composer_kd.errors import ConfigError
 from composer_kd.losses import ENSEMBLE_MODES, check_distillation_args, check_ensemble_weights
+from composer_kd.losses.liger import jsd_endpoint_refusal
 from composer_kd.run.config import model_entries
 from composer_kd.run.object_checks import check_registered_objects
 from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, check_kwargs
@@ -200,11 +201,14 @@ def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ve
     if not (isinstance(fused_head, bool) or fused_head == 'liger'):
         raise ConfigError(f'model.distillation.fused_head must be true, false or liger, got {fused_head!r}')
     alpha = distillation.pop('alpha', 0.5 if has_teacher(cfg['model']) else 1.0)
+    divergence = distillation.pop('divergence', 'forward_kl')
     try:
-        check_distillation_args(alpha, distillation.pop('temperature', 1.0),
-                                distillation.pop('divergence', 'forward_kl'), distillation)
+        params = check_distillation_args(alpha, distillation.pop('temperature', 1.0), divergence, distillation)
     except ValueError as e:
         raise ConfigError(f'model.distillation.{e}') from e
+    endpoint = jsd_endpoint_refusal(divergence, params) if fused_head == 'liger' else None
+    if endpoint is not None:
+        raise ConfigError(f'model.distillation.beta={distillation["beta"]!r} with fused_head: liger: {endpoint}')
     if not has_teacher(cfg['model']) and alpha != 1.0:
         raise ConfigError(f'model.distillation.alpha is {alpha!r} but there is no model.teacher; training without a '
                           'teacher needs alpha: 1')

@@ -62,12 +62,6 @@ def _is_main_rank() -> bool:
     return dist.get_global_rank() == 0
 
 
-def _set_param_init(model: PreTrainedModel) -> None:
-    """Composer initialises weights built on ``meta`` module by module once sharded, through ``param_init_fn``
-    (FSDP2 ``meta_init``, FSDP1 ``_param_init_fn``); Hugging Face models initialise with ``_init_weights``."""
-    model.param_init_fn = model._init_weights
-
-
 def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
     """Loads ``pretrained_model_name_or_path`` or builds a fresh model from ``config`` (a dict with ``model_type``)
     or from the saved config alone (``pretrained: false``); ``config_overrides`` patch either config.
@@ -110,8 +104,6 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f'{key}: cannot build the model: {str(e).splitlines()[0]}') from e
-    if device != 'cpu':
-        _set_param_init(model)
     return model
 
 
