@@ -1,42 +1,14 @@
-"""What every distillation loss shares: hyperparameter checks, the scored positions and their targets.
+"""What every distillation loss shares: its settings' checks (``settings.py``), the scored positions and their
+targets.
 
 Shapes: B batch, T sequence length, V vocabulary.
 """
 
-from typing import Any
-
 import torch
 
-from composer_kd.losses.divergences import DIVERGENCES
+from composer_kd.losses.settings import check_distillation_args
 
 __all__ = ['check_distillation_args', 'check_student_and_labels', 'scored_positions', 'shifted_targets']
-
-
-def check_distillation_args(alpha: float, temperature: float, divergence: str,
-                            divergence_kwargs: dict[str, Any]) -> dict[str, float]:
-    """Validates the loss hyperparameters; returns the divergence's keyword arguments with defaults filled in.
-
-    Raises:
-        ValueError: naming the argument and the value, for any value the loss cannot use.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f'alpha must be a number in [0, 1], got {alpha!r}')
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f'temperature must be a number > 0, got {temperature!r}')
-    if divergence not in DIVERGENCES:
-        raise ValueError(f'divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}')
-    _, params = DIVERGENCES[divergence]
-    unknown = sorted(set(divergence_kwargs) - set(params))
-    if unknown:
-        allowed = sorted(params) or 'none'
-        raise ValueError(f'divergence {divergence!r} takes no argument {unknown[0]!r} (it takes: {allowed})')
-    resolved = {}
-    for name, (default, low, high) in params.items():
-        value = divergence_kwargs.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f'{name} must be a number in [{low}, {high}] for {divergence!r}, got {value!r}')
-        resolved[name] = float(value)
-    return resolved
 
 
 def check_student_and_labels(student_logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from composer_kd.losses.settings import DIVERGENCE_ARGUMENTS
+
 __all__ = ['DIVERGENCES', 'kl', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl', 'tvd']
 
 
@@ -64,12 +66,9 @@ def tvd(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return 0.5 * (p_log.exp() - q_log.exp()).abs().sum(dim=-1)
 
 
-# name -> (function, {keyword: (default, low, high)}) ; the bounds are inclusive.
+# name -> (function, {keyword: (default, low, high)}); the arguments are ``settings.DIVERGENCE_ARGUMENTS``.
 DIVERGENCES: dict[str, tuple[Callable[..., torch.Tensor], dict[str, tuple[float, float, float]]]] = {
-    'forward_kl': (forward_kl, {}),
-    'reverse_kl': (reverse_kl, {}),
-    'jsd': (jsd, {'beta': (0.5, 0.0, 1.0)}),
-    'skew_kl': (skew_kl, {'lam': (0.1, 0.0, 1.0)}),
-    'skew_reverse_kl': (skew_reverse_kl, {'lam': (0.1, 0.0, 1.0)}),
-    'tvd': (tvd, {}),
+    name: (function, DIVERGENCE_ARGUMENTS[name])
+    for name, function in (('forward_kl', forward_kl), ('reverse_kl', reverse_kl), ('jsd', jsd), ('skew_kl', skew_kl),
+                           ('skew_reverse_kl', skew_reverse_kl), ('tvd', tvd))
 }

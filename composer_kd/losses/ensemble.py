@@ -19,30 +19,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from composer_kd.losses.settings import ENSEMBLE_MODES, check_ensemble_weights
+
 __all__ = ['ENSEMBLE_MODES', 'check_ensemble_weights', 'ensemble_teacher_logits']
-
-ENSEMBLE_MODES = ('probs', 'logits')
-
-
-def check_ensemble_weights(weights: Optional[Sequence[float]], num_teachers: int) -> list[float]:
-    """The weights normalised to sum 1 (equal when ``None``).
-
-    Raises:
-        ValueError: for a count other than ``num_teachers`` or a weight that is not a finite positive number.
-    """
-    if num_teachers < 1:
-        raise ValueError('an ensemble needs at least one teacher')
-    if weights is None:
-        return [1.0 / num_teachers] * num_teachers
-    weights = list(weights)
-    if len(weights) != num_teachers:
-        raise ValueError(f'teacher_weights has {len(weights)} entries for {num_teachers} teachers')
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float('inf'):
-            raise ValueError(f'teacher weights must be positive numbers, got {w!r}')
-    total = float(sum(weights))
-    return [float(w) / total for w in weights]
-
 
 def ensemble_teacher_logits(teacher_logits: Iterable[torch.Tensor],
                             weights: Sequence[float],
