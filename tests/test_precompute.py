@@ -1,6 +1,7 @@
 """``composer-kd precompute-teacher`` on the tiny assets: what it writes (against the teacher run directly), both
 encodings, a complete rerun that writes nothing, a SIGKILLed run finished by the same command, bad inputs."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,8 +17,11 @@ from streaming import MDSWriter, StreamingDataset
 from transformers import AutoModelForCausalLM
 
 from composer_kd.cli import main
+from composer_kd.data import topk_parts
 from composer_kd.data.teacher_topk import decode_teacher, pad_teacher, topk_teacher_from_batch
-from composer_kd.run.config import load_config
+from composer_kd.run import precompute_record
+from composer_kd.run.config import load_config, load_precompute_config
+from composer_kd.run.precompute_settings import check_precompute_config
 from composer_kd.run.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +194,67 @@ def test_remote_output_trains_from_the_remote_alone(tmp_path: Path, tiny_assets:
     trainer = train(load_config(str(offline)))
     assert 'TeacherDivergenceLoss' in trainer.state.eval_metrics['eval']  # the eval record came from the remote
     trainer.close()
+
+
+
+def test_out_local_names_the_process(capsys, monkeypatch, tmp_path: Path, precompute_config) -> None:
+    """``{rank}``, ``{local_rank}`` and ``{node_rank}`` in ``precompute.out.local`` come from the launcher's
+    environment (a node-local folder per process, with a remote); other placeholders are refused by name."""
+    monkeypatch.setenv('RANK', '3')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setenv('NODE_RANK', '1')
+    config = precompute_config(**{'precompute.out.local': str(tmp_path / 'n{node_rank}-{local_rank}-{rank}')})
+    assert check_precompute_config(load_precompute_config(str(config)), 4, False).out_local == str(tmp_path / 'n1-1-3')
+    _fails(capsys, config, 'precompute.out.local=/x/{run_name}',
+           match="precompute.out.local='/x/{run_name}': unknown placeholder {run_name}; use {rank}, {local_rank}")
+
+
+def test_parts_are_uploaded_with_their_record_last(monkeypatch, tmp_path: Path) -> None:
+    """A part counts as complete on the remote once its ``part.json`` is there: it is uploaded after the shards
+    and the part's ``index.json``."""
+    uploaded = []
+
+    class Recorder:
+
+        def upload_file(self, name: str) -> None:
+            uploaded.append(name)
+
+    with topk_parts.write_part(str(tmp_path / 'val'), 0, 0, {'tokens': 'ndarray:uint16'}, 'zstd') as writer:
+        writer.write({'tokens': np.arange(5, dtype=np.uint16)})
+    monkeypatch.setattr(topk_parts.CloudUploader, 'get', lambda *args, **kwargs: Recorder())
+    topk_parts.upload_part(str(tmp_path / 'val'), 's3://bucket/val', 0)
+    assert uploaded[-2:] == ['index.json', 'part.json'] and any(n.startswith('shard.') for n in uploaded[:-2])
+
+
+def _state(folder: Path, parts: dict) -> dict:
+    return {'folder': str(folder), 'error': None, 'metadata': None, 'parts': parts}
+
+
+def test_rank_0_decides_from_every_folder_and_the_remote(tmp_path: Path, precompute_config) -> None:
+    """What rank 0 broadcasts: without a remote, different folders are refused (their parts would never meet);
+    with one, the complete parts are the remote's and those any rank's folder holds (uploaded by the first rank
+    that has them), and a remote planned with other settings is refused."""
+    settings = check_precompute_config(load_precompute_config(str(precompute_config())), 2, False)
+    plan = {'top_k': 32, 'samples_per_part': 64}
+    record_of = {p: {'part': p, 'first': 64 * p, 'samples': 64, 'tokens': 100} for p in range(7)}
+    states = [_state(tmp_path / 'a', {0: record_of[0], 2: record_of[2]}), _state(tmp_path / 'b', {1: record_of[1]})]
+    error = precompute_record.decide(settings, plan, states, 7)['error']
+    assert error.startswith(f'precompute.out.local is {tmp_path / "a"} on rank 0 but {tmp_path / "b"} on rank 1: '
+                            'processes that write to different folders need precompute.out.remote')
+
+    remote = tmp_path / 'remote'
+    settings = dataclasses.replace(settings, out_remote=str(remote))
+    fresh = precompute_record.decide(settings, plan, states, 7)
+    assert fresh['kept'] == {p: record_of[p] for p in (0, 1, 2)} and fresh['upload_plan']
+    assert fresh['uploads'] == {0: [0, 2], 1: [1]}
+    (remote / 'val' / 'part-00002').mkdir(parents=True)
+    (remote / 'val' / 'part-00005').mkdir(parents=True)
+    (remote / 'val' / 'part-00005' / 'index.json').write_text('{}')  # an upload cut short: no part.json
+    for name, content in (('precompute_plan.json', plan), ('part-00002/part.json', record_of[2])):
+        (remote / 'val' / name).write_text(json.dumps(content))
+    resumed = precompute_record.decide(settings, plan, states, 7)
+    assert resumed['kept'] == {p: record_of[p] for p in (0, 1, 2)} and not resumed['upload_plan']
+    assert resumed['uploads'] == {0: [0], 1: [1]}  # part 2 is on the remote already
+    error = precompute_record.decide(settings, {**plan, 'top_k': 16}, states, 7)['error']
+    assert error == (f'precompute.out.remote: {remote / "val"} holds a precompute with other settings (top_k: 32 '
+                     'there, 16 now); use another folder or remove it')

@@ -6,37 +6,41 @@
     OUT/SPLIT/part-00000/               samples [0, P): an MDS dataset, written all at once (staged, renamed)
               part-00000/part.json      its record: first sample, samples, tokens (written last, inside)
     OUT/SPLIT/part-00001/ ...
-    OUT/SPLIT/index.json                Streaming's merge of the parts' indexes, in part order
+    OUT/SPLIT/index.json                the merge of the parts' indexes, in part order (Streaming's layout)
     OUT/SPLIT/teacher_topk.json         the metadata, written last: its presence means the split is complete
 
 Parts are numbered by sample ranges fixed by the plan, not by process, so the merged dataset is the same
 sample for sample whatever the number of processes and however often the run was interrupted. With a
-``remote``, each finished part is uploaded (shards first, its ``index.json`` last) and marked ``.uploaded``;
-the merged index and the metadata follow.
+``remote``, the plan is uploaded before any part, each finished part is uploaded by the process that wrote it
+(shards, its ``index.json``, its ``part.json`` last: a part is complete on the remote when its ``part.json``
+is there), and the merged index and the metadata follow. The remote then is the dataset: the local folders may
+be different disks (one a node), each holding only the parts its processes wrote.
 """
 
 import json
-import logging
 import os
 import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from streaming import MDSWriter
+from streaming.base.storage.download import CloudDownloader
 from streaming.base.storage.upload import CloudUploader
-from streaming.base.util import merge_index
 
 from composer_kd.data.staging import staged_folder
 from composer_kd.data.teacher_topk import METADATA_FILE, TOKENS
 
 __all__ = [
     'PLAN_FILE', 'PartWriter', 'complete_parts', 'merge_parts', 'part_name', 'publish_metadata', 'read_json',
-    'remove_partial_parts', 'upload_part', 'write_json', 'write_part'
+    'remote_json', 'remote_parts', 'remove_partial_parts', 'upload_files', 'upload_part', 'write_json', 'write_part'
 ]
 
 PLAN_FILE = 'precompute_plan.json'
 PART_RECORD = 'part.json'
-UPLOADED = '.uploaded'
+INDEX = 'index.json'
+_THREADS = 16  # concurrent small downloads (a part's record or index) from the remote
 
 
 def part_name(part: int) -> str:
@@ -50,12 +54,46 @@ def read_json(path: str) -> Optional[dict[str, Any]]:
         return json.load(f)
 
 
-def write_json(path: str, record: Any) -> None:
+def write_json(path: str, record: Any, indent: Optional[int] = 1) -> None:
     """Writes ``record`` to ``path`` all at once (a temporary file, then a rename)."""
     tmp = f'{path}.tmp-{os.getpid()}'
     with open(tmp, 'w') as f:
-        json.dump(record, f, indent=1)
+        json.dump(record, f, indent=indent)
     os.replace(tmp, path)
+
+
+def _not_found(error: Exception) -> bool:
+    """Whether a download failed because the object is not there: Streaming raises ``FileNotFoundError`` for a
+    local folder and most stores, but passes on botocore's ``ClientError`` (S3: 404, NoSuchKey) and the Google
+    and Azure clients' not-found errors (code 404)."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    response = getattr(error, 'response', None)
+    if isinstance(response, dict) and response.get('Error', {}).get('Code') in ('404', 'NoSuchKey'):
+        return True
+    return 404 in (getattr(error, 'code', None), getattr(error, 'status_code', None))
+
+
+def remote_json(url: str, timeout: float = 60) -> Optional[dict[str, Any]]:
+    """The JSON file at ``url`` (any URI Streaming downloads from, or a folder path); None when it is not there.
+    Any other failure (credentials, network) is raised."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, os.path.basename(url))
+        try:
+            CloudDownloader.direct_download(url, target, timeout)
+        except Exception as e:
+            if _not_found(e):
+                return None
+            raise
+        return read_json(target)
+
+
+def remote_parts(remote_split: str, parts: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """``{part: record}`` of the parts among ``parts`` that are complete on the remote (their ``part.json``,
+    uploaded last, is there)."""
+    with ThreadPoolExecutor(_THREADS) as pool:
+        records = pool.map(lambda p: remote_json(os.path.join(remote_split, part_name(p), PART_RECORD)), parts)
+        return {p: r for p, r in zip(parts, records) if r is not None}
 
 
 def remove_partial_parts(split_dir: str) -> list[str]:
@@ -81,8 +119,9 @@ def complete_parts(split_dir: str) -> dict[int, dict[str, Any]]:
 class PartWriter:
     """Writes one part's samples through ``MDSWriter`` and counts them (see ``write_part``)."""
 
-    def __init__(self, writer: MDSWriter) -> None:
+    def __init__(self, writer: MDSWriter, part: int, first: int) -> None:
         self.writer = writer
+        self.part, self.first = part, first
         self.samples = 0
         self.tokens = 0
 
@@ -90,6 +129,11 @@ class PartWriter:
         self.writer.write(sample)
         self.samples += 1
         self.tokens += len(sample[TOKENS])
+
+    @property
+    def record(self) -> dict[str, int]:
+        """The part's ``part.json``."""
+        return {'part': self.part, 'first': self.first, 'samples': self.samples, 'tokens': self.tokens}
 
 
 @contextmanager
@@ -99,47 +143,62 @@ def write_part(split_dir: str, part: int, first: int, columns: Mapping[str, str]
     as ``split_dir/part-NNNNN`` with its record, on failure nothing of it remains."""
     os.makedirs(split_dir, exist_ok=True)
     with staged_folder(os.path.join(split_dir, part_name(part))) as staging:
-        writer = PartWriter(MDSWriter(columns=dict(columns), out=staging, compression=compression))
+        writer = PartWriter(MDSWriter(columns=dict(columns), out=staging, compression=compression), part, first)
         yield writer
         writer.writer.finish()
-        write_json(os.path.join(staging, PART_RECORD), {'part': part, 'first': first, 'samples': writer.samples,
-                                                        'tokens': writer.tokens})
+        write_json(os.path.join(staging, PART_RECORD), writer.record)
+
+
+def upload_files(local: str, remote: str, names: Sequence[str]) -> None:
+    """Copies the files ``names`` of the folder ``local`` to the folder ``remote``, in that order."""
+    uploader = CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
+    for name in names:
+        uploader.upload_file(name)
 
 
 def upload_part(split_dir: str, remote_split: str, part: int) -> None:
-    """Copies a complete part to ``remote_split`` (its shards, then its ``index.json``) and marks it uploaded."""
+    """Copies a complete part to ``remote_split``: its shards, its ``index.json``, then its ``part.json``, which
+    marks it complete there."""
     local = os.path.join(split_dir, part_name(part))
-    if os.path.isfile(os.path.join(local, UPLOADED)):
-        return
-    uploader = CloudUploader.get((local, os.path.join(remote_split, part_name(part))), keep_local=True,
-                                 exist_ok=True)
-    names = sorted(os.listdir(local), key=lambda n: (n == 'index.json', n))
-    for name in names:
-        uploader.upload_file(name)
-    open(os.path.join(local, UPLOADED), 'w').close()
+    names = [n for n in os.listdir(local) if not n.startswith('.')]  # not the marker earlier versions wrote
+    upload_files(local, os.path.join(remote_split, part_name(part)),
+                 sorted(names, key=lambda n: ({INDEX: 1, PART_RECORD: 2}.get(n, 0), n)))
 
 
-def merge_parts(split_dir: str, remote_split: Optional[str], parts: Sequence[int]) -> dict[str, int]:
-    """Writes the split's ``index.json`` over the parts in order (uploaded too with a remote); returns the
-    totals ``{'samples', 'tokens', 'bytes', 'zip_bytes'}``."""
-    indexes = [os.path.join(split_dir, part_name(p), 'index.json') for p in parts]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # merge_index warns about its temporary folder on the root logger
-    try:
-        if remote_split:
-            merge_index([(i, os.path.join(remote_split, part_name(p), 'index.json')) for i, p in zip(indexes, parts)],
-                        (split_dir, remote_split))
-        else:
-            merge_index(indexes, split_dir)
-    finally:
-        root.setLevel(level)
-    with open(os.path.join(split_dir, 'index.json')) as f:
-        shards = json.load(f)['shards']
-    records = [read_json(os.path.join(split_dir, part_name(p), PART_RECORD)) for p in parts]
+def merge_parts(split_dir: str, remote_split: Optional[str],
+                records: Mapping[int, Mapping[str, Any]]) -> dict[str, int]:
+    """Writes the split's ``index.json`` over the parts of ``records`` (``{part: record}``) in order, each part's
+    index read from ``split_dir`` or else from ``remote_split`` (where the other nodes uploaded theirs), and
+    uploads it with a remote; returns the totals ``{'samples', 'tokens', 'bytes', 'zip_bytes'}``.
+
+    Raises:
+        FileNotFoundError: for a part whose index is in neither folder.
+    """
+    parts = sorted(records)
+
+    def index(part: int) -> dict[str, Any]:
+        found = read_json(os.path.join(split_dir, part_name(part), INDEX))
+        if found is None and remote_split:
+            found = remote_json(os.path.join(remote_split, part_name(part), INDEX))
+        if found is None:
+            where = f'{split_dir} nor in {remote_split}' if remote_split else split_dir
+            raise FileNotFoundError(f'{part_name(part)}/{INDEX} is not in {where}')
+        return found
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        indexes = list(pool.map(index, parts))
+    shards = []
+    for part, part_index in zip(parts, indexes):
+        for shard in part_index['shards']:  # file names relative to the split, as Streaming's merge_index does
+            shards.append({key: {**value, 'basename': f'{part_name(part)}/{value["basename"]}'}
+                           if key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta') and value else value
+                           for key, value in shard.items()})
+    write_json(os.path.join(split_dir, INDEX), {'version': 2, 'shards': shards}, indent=None)
+    if remote_split:
+        upload_files(split_dir, remote_split, [INDEX])
     return {
-        'samples': sum(r['samples'] for r in records),
-        'tokens': sum(r['tokens'] for r in records),
+        'samples': sum(records[p]['samples'] for p in parts),
+        'tokens': sum(records[p]['tokens'] for p in parts),
         'bytes': sum(s['raw_data']['bytes'] for s in shards),
         'zip_bytes': sum((s.get('zip_data') or s['raw_data'])['bytes'] for s in shards),
     }
@@ -149,4 +208,4 @@ def publish_metadata(split_dir: str, remote_split: Optional[str], metadata: Mapp
     """Writes ``teacher_topk.json`` (the split is complete from this moment), and uploads it with a remote."""
     write_json(os.path.join(split_dir, METADATA_FILE), metadata)
     if remote_split:
-        CloudUploader.get((split_dir, remote_split), keep_local=True, exist_ok=True).upload_file(METADATA_FILE)
+        upload_files(split_dir, remote_split, [METADATA_FILE])

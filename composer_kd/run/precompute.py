@@ -9,7 +9,10 @@ round and each is written all at once, so
 * N processes give the same dataset as one, sample for sample (the same batches meet the same kernels);
 * a killed run (SIGKILL included) is finished by the same command: complete parts are kept, the others are
   recomputed, nothing is missing or duplicated;
-* a rerun on a complete output says so and writes nothing.
+* a rerun on a complete output says so and writes nothing;
+* with ``out.remote``, each process's ``out.local`` may be its node's own disk: each process uploads the parts
+  it writes, rank 0 decides from its folder, the other ranks' folders and the remote which parts are complete
+  (the same plan for every rank), and merges the parts from the remote.
 
 The teacher runs through Composer's ``Trainer.predict`` (device placement, ``precision``, FSDP when
 ``fsdp_config`` is set), so every process runs the same number of batches in every round; a process with
@@ -41,10 +44,10 @@ from composer_kd.data.tokens import TokenDataset, collate_tokens
 from composer_kd.data.topk_parts import (
     PLAN_FILE,
     PartWriter,
-    complete_parts,
     merge_parts,
     publish_metadata,
     remove_partial_parts,
+    upload_files,
     upload_part,
     write_json,
     write_part,
@@ -171,21 +174,35 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'precompute.dataset: {str(e).splitlines()[0]}') from e
     plan = record.plan(cfg, settings, tokenizer, total)
-    metadata = record.check_plan(settings, plan)
-    dist.barrier()  # every rank has read the folder before rank 0 writes to it
+    num_parts = math.ceil(total / settings.samples_per_part)
+    # Rank 0 decides from every rank's folder (each may be a node's own disk) and the remote, for every rank:
+    # ranks that planned from their own folders could plan different rounds and hang in a collective.
+    states = dist.all_gather_object(record.local_state(settings, plan))  # also: every rank has read its folder
+    decision = [record.decide(settings, plan, states, num_parts) if rank == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    decided: dict[str, Any] = decision[0]
+    if decided.get('error'):
+        release_shared_memory(source)
+        raise ConfigError(decided['error'])
+    metadata = decided['metadata']
     if metadata is not None:
         release_shared_memory(source)
         if rank == 0:
-            print(f'precompute-teacher: {settings.split_dir} is complete ({metadata["samples"]} samples, '
-                  f'{metadata["tokens"]} tokens, k={metadata["top_k"]}); nothing to do')
+            print(f'precompute-teacher: {settings.remote_split or settings.split_dir} is complete '
+                  f'({metadata["samples"]} samples, {metadata["tokens"]} tokens, k={metadata["top_k"]}); nothing to do')
         return {**record.summary(metadata), 'wall_s': time.perf_counter() - start_time, 'loop_s': 0.0,
                 'parts_written': 0, 'parts_kept': metadata['parts']['count'], 'complete_before': True}
-    if rank == 0:
-        os.makedirs(settings.split_dir, exist_ok=True)
-        for name in remove_partial_parts(settings.split_dir):
-            print(f'precompute-teacher: removed the interrupted part {name}')
-        write_json(os.path.join(settings.split_dir, PLAN_FILE), plan)
+    # Each rank readies its own folder (ranks sharing one write the same plan, all at once).
+    os.makedirs(settings.split_dir, exist_ok=True)
+    for name in remove_partial_parts(settings.split_dir):
+        print(f'precompute-teacher: removed the interrupted part {name}')
+    write_json(os.path.join(settings.split_dir, PLAN_FILE), plan)
+    if rank == 0 and decided['upload_plan']:
+        upload_files(settings.split_dir, settings.remote_split, [PLAN_FILE])  # before any part
     dist.barrier()
+    for part in decided['uploads'].get(rank, []):  # complete parts that only this rank's folder holds
+        upload_part(settings.split_dir, settings.remote_split, part)
+    kept: dict[int, dict[str, Any]] = decided['kept']
 
     models = [build_causal_lm(key, section) for key, section in teachers]
     for (key, _), model in zip(teachers, models):
@@ -194,8 +211,6 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
                               'tokens')
     ensemble = FrozenTeachers(models, check_ensemble(cfg['model']) if len(models) > 1 else None,
                               ensemble_mode(cfg['model']))
-    num_parts = math.ceil(total / settings.samples_per_part)
-    kept = complete_parts(settings.split_dir)
     remaining = [p for p in range(num_parts) if p not in kept]
     todo = sum(min((p + 1) * settings.samples_per_part, total) - p * settings.samples_per_part for p in remaining)
     progress = tqdm(total=todo, desc='precompute-teacher', unit='sample', mininterval=1.0,
@@ -217,6 +232,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     columns = mds_columns(vocab, settings.encoding, settings.temperatures)
     loop_start = time.perf_counter()
+    written: dict[int, dict[str, int]] = {}
     for part, batches in _rounds(remaining, world_size, total, settings, rank):
         loader = torch.utils.data.DataLoader(_Batches(source, batches, pad_id), batch_size=None)
         context = write_part(settings.split_dir, part, part * settings.samples_per_part, columns,
@@ -225,29 +241,36 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
             writer_callback.writer = writer
             trainer.predict(loader, return_outputs=False)
         writer_callback.writer = None
-        if part is not None and settings.remote_split:
-            upload_part(settings.split_dir, settings.remote_split, part)
+        if part is not None:
+            written[part] = writer.record
+            if settings.remote_split:
+                upload_part(settings.split_dir, settings.remote_split, part)
     loop_s = time.perf_counter() - loop_start
     if progress is not None:
         progress.close()
     trainer.close()
     release_shared_memory(source)
-    dist.barrier()
+    records = dict(kept)
+    for rank_written in dist.all_gather_object(written):  # also: every part is written (and uploaded)
+        records.update(rank_written)
 
     summary: dict[str, Any] = {}
     if rank == 0:
-        parts = list(range(num_parts))
-        if settings.remote_split:  # parts of an earlier, interrupted run may not be uploaded yet
-            for p in parts:
-                upload_part(settings.split_dir, settings.remote_split, p)
-        totals = merge_parts(settings.split_dir, settings.remote_split, parts)
+        try:
+            totals = merge_parts(settings.split_dir, settings.remote_split, records)
+        except FileNotFoundError as e:
+            if settings.remote_split:
+                raise
+            raise ConfigError(f'precompute.out.local: {e}: another process wrote it to a folder rank 0 does not '
+                              'see (one node\'s own disk?); set precompute.out.remote, or use a folder every '
+                              'node shares') from e
         metadata = record.metadata(plan, settings, models, columns, totals, num_parts)
         publish_metadata(settings.split_dir, settings.remote_split, metadata)
         summary = record.summary(metadata)
         wall = time.perf_counter() - start_time
         print(f'precompute-teacher: {summary["samples"]} samples, {summary["tokens"]} tokens, '
               f'{summary["bytes_per_token"]:.1f} bytes/token ({summary["bytes"] / 1e6:.1f} MB), {wall:.1f} s '
-              f'({len(remaining)} parts written, {len(kept)} kept) -> {settings.split_dir}')
+              f'({len(remaining)} parts written, {len(kept)} kept) -> {settings.remote_split or settings.split_dir}')
     dist.barrier()
     summary = dist.all_gather_object(summary)[0]
     return {**summary, 'wall_s': time.perf_counter() - start_time, 'loop_s': loop_s, 'parts_written': len(remaining),

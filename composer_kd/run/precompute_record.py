@@ -1,5 +1,6 @@
-"""What a ``precompute-teacher`` run records about itself: the plan a rerun must match, and the metadata of a
-finished split (``teacher_topk.json``)."""
+"""What a ``precompute-teacher`` run records about itself: the plan a rerun must match, what each process's
+folder and the remote already hold (rank 0 decides from them for every rank), and the metadata of a finished
+split (``teacher_topk.json``)."""
 
 import hashlib
 import importlib.metadata
@@ -10,18 +11,17 @@ from typing import Any, Mapping, Optional, Sequence
 from composer_kd.data.teacher_topk import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    read_metadata,
+    METADATA_FILE,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from composer_kd.data.topk_parts import PLAN_FILE, read_json
-from composer_kd.errors import ConfigError
+from composer_kd.data.topk_parts import PLAN_FILE, complete_parts, read_json, remote_json, remote_parts
 from composer_kd.model.vocab import embedding_rows
 from composer_kd.run.checks import check_ensemble, ensemble_mode
 from composer_kd.run.config import teacher_entries
 from composer_kd.run.precompute_settings import PrecomputeSettings
 
-__all__ = ['check_plan', 'metadata', 'plan', 'summary']
+__all__ = ['decide', 'local_state', 'metadata', 'plan', 'summary']
 
 ENCODING_DESCRIPTIONS = {
     'float16': 'teacher_topk_logprobs: the K log-probabilities at temperature 1 as float16',
@@ -81,17 +81,70 @@ def _teacher_record(plan: Mapping[str, Any], models: Sequence[Any]) -> dict[str,
             'members': members, 'weights': plan['weights'], 'ensemble': plan['ensemble']}
 
 
-def check_plan(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """Refuses an output folder planned with other settings; returns the metadata when it is complete."""
-    earlier = read_json(os.path.join(settings.split_dir, PLAN_FILE))
+def _other_settings(key: str, folder: str, earlier: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
+    name = next(k for k in sorted(set(plan) | set(earlier)) if plan.get(k) != earlier.get(k))
+    return (f'{key}: {folder} holds a precompute with other settings ({name}: {earlier.get(name)!r} there, '
+            f'{plan.get(name)!r} now); use another folder or remove it')
+
+
+def local_state(settings: PrecomputeSettings, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """What this process's output folder holds: ``{'folder', 'error', 'metadata', 'parts'}``: an error for a
+    folder planned with other settings or that is not a precompute output, the metadata when the split is
+    complete there, and its complete parts ``{part: record}``."""
+    folder = settings.split_dir
+    earlier = read_json(os.path.join(folder, PLAN_FILE))
+    error = None
     if earlier is not None and earlier != plan:
-        key = next(k for k in sorted(set(plan) | set(earlier)) if plan.get(k) != earlier.get(k))
-        raise ConfigError(f'precompute.out: {settings.split_dir} holds a precompute with other settings ({key}: '
-                          f'{earlier.get(key)!r} there, {plan.get(key)!r} now); use another folder or remove it')
-    if earlier is None and os.path.isdir(settings.split_dir) and os.listdir(settings.split_dir):
-        raise ConfigError(f'precompute.out: {settings.split_dir} exists and is not a precompute-teacher output; '
-                          'use an empty or new folder')
-    return read_metadata(settings.out_local, None, settings.dataset.get('split')) if earlier is not None else None
+        error = _other_settings('precompute.out', folder, earlier, plan)
+    elif earlier is None and os.path.isdir(folder) and os.listdir(folder):
+        error = f'precompute.out: {folder} exists and is not a precompute-teacher output; use an empty or new folder'
+    usable = earlier is not None and error is None
+    return {'folder': folder, 'error': error,
+            'metadata': read_json(os.path.join(folder, METADATA_FILE)) if usable else None,
+            'parts': complete_parts(folder) if usable else {}}
+
+
+def decide(settings: PrecomputeSettings, plan: Mapping[str, Any], states: Sequence[Mapping[str, Any]],
+           num_parts: int) -> dict[str, Any]:
+    """Rank 0's decision for every rank, from each rank's ``local_state`` and the remote: ``{'error'}`` (the
+    run must stop: the same ``ConfigError`` on every rank), ``{'metadata'}`` (the split is complete), or
+    ``{'kept': {part: record}, 'uploads': {rank: [part, ...]}, 'upload_plan': bool}``: the complete parts, which
+    ranks upload the complete parts only their folders hold, and whether the plan must go to the remote first.
+
+    Without a remote every rank must share rank 0's folder, and rank 0's parts are the complete ones. With a
+    remote, a part is complete when the remote holds it or any rank's folder does (the first such rank
+    uploads it); a split is complete when the remote holds its metadata.
+    """
+    for state in states:
+        if state['error']:
+            return {'error': state['error']}
+    folders = [state['folder'] for state in states]
+    remote = settings.remote_split
+    if not remote:
+        other = next((r for r, folder in enumerate(folders) if folder != folders[0]), None)
+        if other is not None:
+            return {'error': f'precompute.out.local is {folders[0]} on rank 0 but {folders[other]} on rank '
+                             f'{other}: processes that write to different folders need precompute.out.remote '
+                             '(each uploads its parts there); without one, give every process the same folder'}
+        return {'metadata': states[0]['metadata'], 'kept': states[0]['parts'], 'uploads': {}, 'upload_plan': False}
+    earlier = remote_json(os.path.join(remote, PLAN_FILE))
+    if earlier is not None and earlier != plan:
+        return {'error': _other_settings('precompute.out.remote', remote, earlier, plan)}
+    if earlier is None and any(remote_json(os.path.join(remote, name)) for name in ('index.json', METADATA_FILE)):
+        return {'error': f'precompute.out.remote: {remote} holds a dataset that is not a precompute-teacher output; '
+                         'use an empty or new folder'}
+    metadata = remote_json(os.path.join(remote, METADATA_FILE)) if earlier is not None else None
+    if metadata is not None:
+        return {'metadata': metadata}
+    # Parts reach the remote only after the plan: without it, nothing there belongs to this precompute.
+    kept = remote_parts(remote, range(num_parts)) if earlier is not None else {}
+    uploads: dict[int, list[int]] = {}
+    for rank, state in enumerate(states):
+        for part, part_record in sorted(state['parts'].items()):
+            if part not in kept:
+                kept[part] = part_record
+                uploads.setdefault(rank, []).append(part)
+    return {'metadata': None, 'kept': kept, 'uploads': uploads, 'upload_plan': earlier is None}
 
 
 def metadata(plan: Mapping[str, Any], settings: PrecomputeSettings, models: Sequence[Any],

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import string
 from typing import Any, Mapping, Optional
 
 from streaming.base.compression import get_compressions
@@ -22,7 +23,7 @@ class PrecomputeSettings:
     """Everything ``precompute-teacher`` needs besides the teacher and the tokenizer."""
     dataset: dict[str, Any]  # StreamingDataset arguments of the source split (local, remote, split, ...)
     max_seq_len: int
-    out_local: str
+    out_local: str  # this process's folder: ``{rank}``, ``{local_rank}``, ``{node_rank}`` filled in, absolute
     out_remote: Optional[str]
     compression: Optional[str]
     top_k: int
@@ -49,6 +50,25 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
+# The placeholders of ``precompute.out.local`` and the launcher's variables that fill them.
+_FOLDER_FIELDS = {'rank': 'RANK', 'local_rank': 'LOCAL_RANK', 'node_rank': 'NODE_RANK'}
+
+
+def _out_local(value: Any) -> str:
+    """``precompute.out.local`` for this process: its placeholders filled from the launcher's environment."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f'precompute.out.local must be a folder, got {value!r}')
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f'precompute.out.local={value!r}: {e} (write a literal brace as {{{{ or }}}})') from e
+    unknown = sorted(fields - set(_FOLDER_FIELDS))
+    if unknown:
+        raise ConfigError(f'precompute.out.local={value!r}: unknown placeholder {{{unknown[0]}}}; use '
+                          f'{", ".join("{" + f + "}" for f in _FOLDER_FIELDS)}')
+    return value.format(**{name: int(os.environ.get(var, '0')) for name, var in _FOLDER_FIELDS.items()})
+
+
 def _temperatures(value: Any) -> tuple[float, ...]:
     values = value if isinstance(value, (list, tuple)) else [value]
     for t in values:
@@ -61,6 +81,12 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
                             fsdp_version: Optional[str] = None) -> PrecomputeSettings:
     """Checks every value of a ``precompute-teacher`` config that needs nothing loaded or read; returns the
     settings. (``check_precompute_paths`` then checks the folders.)
+
+    ``precompute.out.local`` is the folder each process writes its parts to. Without ``precompute.out.remote``
+    it must be one folder every process sees (one machine, or a shared filesystem). With a remote it may be a
+    node's own disk, and it may name the process: ``{rank}``, ``{local_rank}`` and ``{node_rank}`` are filled
+    in from the launcher's environment (``/scratch/topk-{node_rank}``); each process uploads the parts it writes
+    and the remote holds the dataset.
 
     Raises:
         ConfigError: naming the key and the value.
@@ -97,9 +123,8 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
         raise ConfigError('precompute.dataset: give local (a folder) and/or remote (a URI) of the MDS dataset')
 
     out = section['out']
-    if not isinstance(out['local'], str) or not out['local']:
-        raise ConfigError(f'precompute.out.local must be a folder, got {out["local"]!r}')
-    if local and os.path.abspath(os.path.join(out['local'], split or '')) == os.path.abspath(
+    out_local = _out_local(out['local'])
+    if local and os.path.abspath(os.path.join(out_local, split or '')) == os.path.abspath(
             os.path.join(local, split or '')):
         raise ConfigError(f'precompute.out.local={out["local"]!r} is the source dataset; write to another folder')
     compression = out.get('compression')
@@ -115,7 +140,7 @@ def check_precompute_config(cfg: Mapping[str, Any], world_size: int, gpu: bool,
                           'temperature 1, or use ensemble: logits (one set of logits, every temperature exact)')
     return PrecomputeSettings(dataset={k: dataset[k] for k in _DATASET_PASSTHROUGH if dataset.get(k) is not None},
                               max_seq_len=max_seq_len,
-                              out_local=os.path.abspath(out['local']),
+                              out_local=os.path.abspath(out_local),
                               out_remote=out.get('remote'),
                               compression=compression,
                               top_k=top_k,
