@@ -178,10 +178,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     p.set_defaults(run=_prepare_data)
 
-    p = commands.add_parser('eval', help='held-out CE, perplexity and, given a teacher, divergence and top-1 '
-                            'agreement of HF model folders on an MDS split (JSON)')
+    p = commands.add_parser('eval', help='held-out CE, perplexity and, given a teacher (loaded once), divergence '
+                            'and top-1 agreement of HF model folders on an MDS split (JSON)')
     p.add_argument('--config', default=None, help='a YAML with the keys below (models, data, split, max_seq_len, '
-                   'teacher, tokenizer, batch_size, max_samples, divergence, temperature); flags win')
+                   'teacher, tokenizer, batch_size, max_samples, divergence, temperature, beta, lam, precision); '
+                   'flags win')
     p.add_argument('--models', nargs='+', default=None, help='HF model folders (students) to evaluate')
     p.add_argument('--data', default=None, help='MDS dataset folder (with split folders)')
     p.add_argument('--split', default=None, help='split to evaluate (default val)')
@@ -193,6 +194,10 @@ def _parser() -> argparse.ArgumentParser:
                    'batches; default all)')
     p.add_argument('--divergence', default=None, help='teacher divergence (default forward_kl)')
     p.add_argument('--temperature', type=float, default=None, help='its temperature (default 1)')
+    p.add_argument('--beta', type=float, default=None, help='jsd\'s beta (default 0.5), as model.distillation.beta')
+    p.add_argument('--lam', type=float, default=None, help='skew_kl / skew_reverse_kl\'s lambda (default 0.1)')
+    p.add_argument('--precision', default=None, help='fp32 (default), or on a GPU amp_bf16 / amp_fp16 (the models run '
+                   'on the GPU when there is one)')
     p.set_defaults(run=_eval)
 
     p = commands.add_parser('export', help='write the student of a checkpoint as a Hugging Face folder')

@@ -1,21 +1,64 @@
 """Held-out metrics of saved students, alone or against a teacher: the numbers a distillation report needs
 (``composer-kd eval``; the quickstart's report). The metrics are the training run's own (``DistillationModel``'s
-eval metrics), so an eval here and an eval during training agree."""
+eval metrics, with the run's divergence, temperature, ``beta``/``lam`` and precision), so an eval here and an
+eval during training agree. On a machine with a GPU the models run there; the teacher loads once for every
+student."""
 
 import itertools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from composer.core.precision import get_precision_context
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import ConfigError
 from composer_kd.losses import check_distillation_args
 from composer_kd.model.distillation_model import DistillationModel
+from composer_kd.run.checks import check_precision
+from composer_kd.run.hf_loading import check_model_tokenizer
 
 __all__ = ['evaluate_student', 'evaluate_models', 'EVAL_KEYS']
+
+# The divergences' own settings (beta for jsd, lam for the skew KLs), passed on only when given.
+_DIVERGENCE_KEYS = ('beta', 'lam')
+
+
+def _device() -> torch.device:
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _load(folder: str, device: torch.device) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+
+
+def _metrics(student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
+             data_dir: str, split: str, max_seq_len: int, batch_size: int, max_samples: Optional[int],
+             divergence: str, temperature: float, precision: str,
+             divergence_kwargs: Mapping[str, float]) -> dict[str, float]:
+    """The eval metrics of loaded models (on one device) over the first ``max_samples`` samples (whole batches)."""
+    device = next(student.parameters()).device
+    try:
+        model = DistillationModel(student, teacher, tokenizer, alpha=1.0 if teacher is None else 0.5,
+                                  divergence=divergence, temperature=temperature, **divergence_kwargs).eval()
+    except ValueError as e:  # the models' vocabularies (shared_vocab_size), as train refuses them
+        raise ConfigError(f'models: {e}') from e
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loader = build_token_dataloader({'local': data_dir, 'split': split, 'max_seq_len': max_seq_len, 'shuffle': False},
+                                    batch_size, pad, drop_last=False).dataloader
+    metrics = {name: metric.to(device) for name, metric in model.get_metrics(is_train=False).items()}
+    limit = None if max_samples is None else -(-max_samples // batch_size)
+    with torch.no_grad():
+        for batch in itertools.islice(loader, limit):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with get_precision_context(precision):  # Composer's eval: forward and metrics in one autocast
+                outputs = model.eval_forward(batch)
+                for metric in metrics.values():
+                    model.update_metric(batch, outputs, metric)
+    release_shared_memory(loader.dataset)
+    return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
 def evaluate_student(student_dir: str,
@@ -27,36 +70,30 @@ def evaluate_student(student_dir: str,
                      batch_size: int = 32,
                      max_samples: Optional[int] = None,
                      divergence: str = 'forward_kl',
-                     temperature: float = 1.0) -> dict[str, float]:
+                     temperature: float = 1.0,
+                     precision: str = 'fp32',
+                     **divergence_kwargs: float) -> dict[str, float]:
     """Evaluates a ``save_pretrained`` student on the first ``max_samples`` (default: all; rounded up to whole
-    batches of ``batch_size``) samples of an MDS split.
+    batches of ``batch_size``) samples of an MDS split, on the GPU when there is one.
+
+    Args:
+        precision (str): ``fp32``, or on a GPU ``amp_bf16`` / ``amp_fp16`` (Composer's autocast).
+        divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew KLs).
 
     Returns:
         dict[str, float]: ``LanguageCrossEntropy`` and ``LanguagePerplexity``, plus ``TeacherDivergenceLoss``
         (``divergence`` at ``temperature``) and ``TeacherTop1Agreement`` when ``teacher_dir`` is given.
     """
+    device = _device()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    student = AutoModelForCausalLM.from_pretrained(student_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir) if teacher_dir else None
-    model = DistillationModel(student, teacher, tokenizer, alpha=1.0 if teacher is None else 0.5,
-                              divergence=divergence, temperature=temperature).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = build_token_dataloader({'local': data_dir, 'split': split, 'max_seq_len': max_seq_len, 'shuffle': False},
-                                    batch_size, pad, drop_last=False).dataloader
-    metrics = model.get_metrics(is_train=False)
-    limit = None if max_samples is None else -(-max_samples // batch_size)
-    with torch.no_grad():
-        for batch in itertools.islice(loader, limit):
-            outputs = model.eval_forward(batch)
-            for metric in metrics.values():
-                model.update_metric(batch, outputs, metric)
-    release_shared_memory(loader.dataset)
-    return {name: float(metric.compute()) for name, metric in metrics.items()}
+    teacher = _load(teacher_dir, device) if teacher_dir else None
+    return _metrics(_load(student_dir, device), teacher, tokenizer, data_dir, split, max_seq_len, batch_size,
+                    max_samples, divergence, temperature, precision, divergence_kwargs)
 
 
 # composer-kd eval's settings, by their YAML names (the flags are the same with dashes).
 EVAL_KEYS = ('models', 'data', 'split', 'max_seq_len', 'teacher', 'tokenizer', 'batch_size', 'max_samples',
-             'divergence', 'temperature')
+             'divergence', 'temperature', *_DIVERGENCE_KEYS, 'precision')
 
 
 def _folder(key: str, value: Any) -> str:
@@ -65,12 +102,27 @@ def _folder(key: str, value: Any) -> str:
     return os.path.expanduser(value)
 
 
+def _check_vocabulary(key: str, folder: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuses a model whose own tokenizer maps tokens to other ids, or with fewer output logits than the
+    tokenizer has tokens (from its config: nothing loads)."""
+    check_model_tokenizer(key, {'pretrained_model_name_or_path': folder}, tokenizer)
+    try:
+        rows = AutoConfig.from_pretrained(folder).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'{key}: cannot read the model config in {folder}: {str(e).splitlines()[0]}') from e
+    if isinstance(rows, int) and rows < len(tokenizer):
+        raise ConfigError(f'{key}: {folder} has {rows} output logits but the tokenizer has {len(tokenizer)} tokens; '
+                          'use the tokenizer the models were trained with')
+
+
 def evaluate_models(settings: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``composer-kd eval``: every model of ``settings['models']`` (HF folders) on one MDS split, checked first.
+    """``composer-kd eval``: every model of ``settings['models']`` (HF folders) on one MDS split, checked first;
+    the teacher loads once for all of them.
 
     Args:
         settings (Mapping): ``EVAL_KEYS``; ``models``, ``data`` and ``max_seq_len`` are required, ``tokenizer``
-            defaults to the first model's folder, ``split`` to ``val``.
+            defaults to the first model's folder, ``split`` to ``val``, ``precision`` to ``fp32``; ``divergence``,
+            ``temperature``, ``beta`` and ``lam`` are train's ``model.distillation`` settings.
 
     Returns:
         dict: ``{model folder: {metric: value}}``.
@@ -97,15 +149,31 @@ def evaluate_models(settings: Mapping[str, Any]) -> dict[str, dict[str, float]]:
                                                            or value < low):
             raise ConfigError(f'{key} must be an integer >= {low}, got {value!r}')
     teacher = _folder('teacher', settings['teacher']) if settings.get('teacher') is not None else None
-    tokenizer = _folder('tokenizer', settings['tokenizer']) if settings.get('tokenizer') is not None else models[0]
-    try:
-        check_distillation_args(0.5, settings.get('temperature', 1.0), settings.get('divergence', 'forward_kl'), {})
+    tokenizer_dir = _folder('tokenizer', settings['tokenizer']) if settings.get('tokenizer') is not None else models[0]
+    precision = check_precision({'precision': settings.get('precision') or 'fp32'}, torch.cuda.is_available())
+    if precision == 'amp_fp8':
+        raise ConfigError("precision='amp_fp8': eval runs fp32, amp_bf16 or amp_fp16 (fp8 autocast needs Transformer "
+                          'Engine layers, which Hugging Face models do not have)')
+    divergence = settings.get('divergence') or 'forward_kl'
+    temperature = settings.get('temperature', 1.0)
+    divergence_kwargs = {k: settings[k] for k in _DIVERGENCE_KEYS if settings.get(k) is not None}
+    try:  # alpha weighs the training loss only: any valid value
+        check_distillation_args(0.5, temperature, divergence, divergence_kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f'tokenizer: cannot load a tokenizer from {tokenizer_dir!r}: '
+                          f'{str(e).splitlines()[0]}') from e
+    for key, folder in [(f'models.{i}', m) for i, m in enumerate(models)] + ([('teacher', teacher)] if teacher else []):
+        _check_vocabulary(key, folder, tokenizer)
+
+    device = _device()
+    teacher_model = _load(teacher, device) if teacher else None
     return {
-        model: evaluate_student(model, tokenizer, data, settings['max_seq_len'], teacher_dir=teacher, split=split,
-                                batch_size=settings.get('batch_size') or 32, max_samples=settings.get('max_samples'),
-                                divergence=settings.get('divergence', 'forward_kl'),
-                                temperature=float(settings.get('temperature', 1.0)))
+        model: _metrics(_load(model, device), teacher_model, tokenizer, data, split, settings['max_seq_len'],
+                        settings.get('batch_size') or 32, settings.get('max_samples'), divergence, float(temperature),
+                        precision, divergence_kwargs)
         for model in models
     }
