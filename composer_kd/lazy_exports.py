@@ -13,13 +13,14 @@ def lazy_exports(namespace: dict[str, Any],
 
     Args:
         namespace (dict[str, Any]): the package's ``globals()``; a name is cached there once loaded.
-        exports (dict[str, str]): public name → the module that defines it (only these modules are imported).
+        exports (dict[str, str]): public name → the module that defines it (only these modules are imported); a
+            name may also be ``module:attribute``, the attribute of that module.
     """
 
     def __getattr__(name: str) -> Any:
         if name not in exports:
             raise AttributeError(f'module {namespace["__name__"]!r} has no attribute {name!r}')
-        value = getattr(importlib.import_module(exports[name]), name)
+        value = getattr(importlib.import_module(exports[name]), name.rpartition(':')[2])
         namespace[name] = value  # later lookups skip __getattr__
         return value
 

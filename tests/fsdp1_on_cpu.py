@@ -69,9 +69,9 @@ def _train_recipe_sections(out: str, recipe: str, model_dir: str) -> None:
 
     from composer_kd import DistillationModel, token_data_spec
     from composer_kd.data.tokens import collate_tokens
-    from composer_kd.run.config import model_entries
-    from composer_kd.run.hf_loading import build_causal_lm
-    from composer_kd.run.model_section import fsdp_settings
+    from composer_kd.config.run_rules import model_entries
+    from composer_kd.builders.models import build_causal_lm
+    from composer_kd.config.model_schema import fsdp_settings
 
     dist.initialize_dist(get_device('cpu'))
     cfg = OmegaConf.to_container(OmegaConf.load(recipe), resolve=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from composer_kd.callbacks import StatefulEarlyStopper
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import train
 
 # lr = 0: the eval cross-entropy never improves after the first eval (batch 1), so a 3-batch patience stops the

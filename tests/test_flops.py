@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from composer_kd import DistillationModel
 from composer_kd.model.flops import forward_flops, matmul_params
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import train
 
 

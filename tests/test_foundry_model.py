@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from composer_kd.cli import main
 from composer_kd.run.export import download_sharded, load_checkpoint
-from composer_kd.run.hf_loading import build_causal_lm
-from composer_kd.run.recipes import recipe_path
+from composer_kd.builders.models import build_causal_lm
+from composer_kd.config.loading import recipe_path
 
 # scripts/train/yamls/pretrain/hf-llama-3.1-8B.yaml of LLM Foundry, its model block as written.
 FOUNDRY_8B_BLOCK = {
@@ -104,7 +104,7 @@ def test_pretrained_false_builds_a_fresh_model_from_the_saved_config(tiny_assets
 _HUB_SCRIPT = '''
 import sys
 from composer_kd.errors import ConfigError
-from composer_kd.run.hf_loading import build_causal_lm, check_model_tokenizer
+from composer_kd.builders.models import build_causal_lm, check_model_tokenizer
 from transformers import AutoTokenizer
 run_tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 section = {'pretrained_model_name_or_path': 'tiny-org/teacher'}

@@ -32,7 +32,7 @@ from composer_kd.losses.fused import fused_distillation_loss
 from composer_kd.losses.fused_stats import fused_token_sums
 from composer_kd.model.metrics import TeacherDivergenceLoss
 from composer_kd.model.teacher_topk_model import TeacherTopKModel, topk_logprobs
-from composer_kd.run.hf_loading import build_causal_lm
+from composer_kd.builders.models import build_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = {'model_type': 'llama', 'vocab_size': 64, 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,

@@ -14,7 +14,7 @@ from composer_kd import DistillationModel
 from composer_kd.callbacks.kd_schedule import parse_schedule, scheduled_value
 from composer_kd.data.tokens import collate_tokens
 from composer_kd.losses.stats import distillation_stat_sums
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import train
 
 

@@ -11,12 +11,14 @@ LAYERS = {
     'errors': 0,
     'lazy_exports': 0,
     'losses': 1,
-    'data': 2,
-    'model': 3,
-    'callbacks': 3,
-    'run': 4,
-    'quickstart': 5,
-    'cli': 6,
+    'config': 2,
+    'data': 3,
+    'model': 4,
+    'callbacks': 4,
+    'builders': 5,
+    'run': 6,
+    'quickstart': 7,
+    'cli': 8,
 }
 
 

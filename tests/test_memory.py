@@ -18,7 +18,7 @@ _RUN = f'''
 import json, sys
 import psutil
 from composer.core import Callback
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import build_trainer
 
 class Resident(Callback):

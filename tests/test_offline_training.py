@@ -18,7 +18,7 @@ from composer_kd import DistillationModel
 from composer_kd.cli import main
 from composer_kd.data import build_token_dataloader
 from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from composer_kd import distillation_loss
 from composer_kd.cli import main
 from composer_kd.data.tokens import collate_tokens
 from composer_kd.losses.stats import per_sample_losses
-from composer_kd.run.config import load_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.train import train
 
 # The val split (390 samples) as one epoch of 39 batches of 10 in microbatches of 5.

@@ -20,8 +20,9 @@ from composer_kd.cli import main
 from composer_kd.data import topk_parts
 from composer_kd.data.teacher_topk import decode_teacher, pad_teacher, topk_teacher_from_batch
 from composer_kd.run import precompute_record
-from composer_kd.run.config import load_config, load_precompute_config
-from composer_kd.run.precompute_settings import check_precompute_config
+from composer_kd.config.precompute_config import load_precompute_config
+from composer_kd.config.run_config import load_config
+from composer_kd.config.precompute_config import check_precompute_config
 from composer_kd.run.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ whose ``precompute.out.local`` folders differ (each process sees only its own "d
 ``precompute.out.remote``. The remote dataset equals the 1-process one sample for sample, also when the job is
 SIGKILLed and started again (rank 0 plans from its own disk and the remote, for every rank)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

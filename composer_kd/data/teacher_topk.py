@@ -27,13 +27,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from composer_kd.config.precompute_config import ENCODINGS
+from composer_kd.data.json_files import read_json, remote_json
 from composer_kd.losses.topk import TopKTeacher
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
 FORMAT_NAME = 'composer-kd teacher top-k'
 FORMAT_VERSION = 1
 METADATA_FILE = 'teacher_topk.json'
-ENCODINGS = ('float16', 'uint8')
 
 TOKENS = 'tokens'
 SAMPLE_INDEX = 'sample_index'
@@ -212,21 +212,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def read_metadata(local: Optional[str], remote: Optional[str], split: Optional[str],
                   timeout: float = 60) -> Optional[dict[str, Any]]:
-    """The ``teacher_topk.json`` of a dataset split, from ``local`` or else ``remote``; None when there is none."""
+    """The ``teacher_topk.json`` of a dataset split, from ``local`` or else ``remote``; None when there is none.
+    A remote that cannot be reached (credentials, network) raises: that is no "no precomputed teacher"."""
     path = os.path.join(local or '', split or '', METADATA_FILE)
     if local and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     if not remote:
         return None
-    from streaming.base.storage.download import CloudDownloader
-    with tempfile.TemporaryDirectory() as tmp:
-        target = os.path.join(tmp, METADATA_FILE)
-        try:
-            CloudDownloader.direct_download(os.path.join(remote, split or '', METADATA_FILE), target, timeout)
-        except (FileNotFoundError, RuntimeError, OSError):
-            return None
-        if not os.path.isfile(target):
-            return None
-        with open(target) as f:
-            return json.load(f)
+    return remote_json(os.path.join(remote, split or '', METADATA_FILE), timeout)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from composer_kd.data.shard_checks import check_mds_split
 from composer_kd.data.streaming_resources import raise_open_file_limit, release_shared_memory
 from composer_kd.data.teacher_topk import TEACHER_IDS, decode_teacher, pad_teacher
-from composer_kd.errors import DataError
+from composer_kd.errors import ConfigError, DataError
 
 __all__ = [
     'TokenDataset', 'batch_labels', 'collate_tokens', 'token_data_spec', 'count_tokens', 'build_token_dataloader'
@@ -184,7 +184,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
                            prefetch_factor: Optional[int] = None,
                            persistent_workers: bool = False,
                            timeout: float = 0,
-                           vocab_size: Optional[int] = None) -> DataSpec:
+                           vocab_size: Optional[int] = None,
+                           key: Optional[str] = None) -> DataSpec:
     """Builds the ``DataSpec`` for an LLM Foundry-style ``*_loader`` section.
 
     Args:
@@ -196,24 +197,32 @@ def build_token_dataloader(dataset: Mapping[str, Any],
             batches carry. Default: ``1.0``.
         drop_last, num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: ``DataLoader`` args.
         vocab_size (int, optional): token ids must be below it (the tokenizer's length); checked per sample.
+        key (str, optional): the config section of this loader (``train_loader``), named in errors.
 
     Raises:
-        ValueError: when there is neither a local split with an ``index.json`` nor a remote to fetch it from.
+        ConfigError: when there is neither a local split with an ``index.json`` nor a remote to fetch it from, no
+            sample, or an argument Streaming refuses.
         DataError: for a bad index or shard (``shard_checks.check_mds_split``, run by ``TokenDataset``), at
             build; for a bad sample, when it is read.
     """
     kwargs = dict(dataset)
     max_seq_len = kwargs.pop('max_seq_len')
     local, remote, split = kwargs.get('local'), kwargs.get('remote'), kwargs.get('split')
+    where = f'{key}: ' if key else ''
     if remote is None and 'streams' not in kwargs:
         index = os.path.join(local or '', split or '', 'index.json')
         if not os.path.isfile(index):
-            raise ValueError(f'no MDS dataset at local={local!r} split={split!r} (missing {index}); '
-                             'make one with `composer-kd prepare-data`')
-    dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
-                        vocab_size=vocab_size, **kwargs)
+            raise ConfigError(f'{where}no MDS dataset at local={local!r} split={split!r} (missing {index}); '
+                              'make one with `composer-kd prepare-data`')
+    try:
+        dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
+                            vocab_size=vocab_size, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # StreamingDataset's checks of its arguments
+        raise ConfigError(f'{where}{str(e).splitlines()[0]}') from e
     if len(dset) == 0:
-        raise ValueError(f'the MDS dataset at local={local!r} split={split!r} has no samples')
+        raise ConfigError(f'{where}the MDS dataset at local={local!r} split={split!r} has no samples')
     workers = num_workers > 0
     loader = DataLoader(dset,
                         batch_size=batch_size,

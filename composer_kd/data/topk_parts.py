@@ -17,18 +17,16 @@ is there), and the merged index and the metadata follow. The remote then is the 
 be different disks (one a node), each holding only the parts its processes wrote.
 """
 
-import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from streaming import MDSWriter
-from streaming.base.storage.download import CloudDownloader
 from streaming.base.storage.upload import CloudUploader
 
+from composer_kd.data.json_files import read_json, remote_json, write_json
 from composer_kd.data.staging import staged_folder
 from composer_kd.data.teacher_topk import METADATA_FILE, TOKENS
 
@@ -45,47 +43,6 @@ _THREADS = 16  # concurrent small downloads (a part's record or index) from the 
 
 def part_name(part: int) -> str:
     return f'part-{part:05d}'
-
-
-def read_json(path: str) -> Optional[dict[str, Any]]:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, record: Any, indent: Optional[int] = 1) -> None:
-    """Writes ``record`` to ``path`` all at once (a temporary file, then a rename)."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(record, f, indent=indent)
-    os.replace(tmp, path)
-
-
-def _not_found(error: Exception) -> bool:
-    """Whether a download failed because the object is not there: Streaming raises ``FileNotFoundError`` for a
-    local folder and most stores, but passes on botocore's ``ClientError`` (S3: 404, NoSuchKey) and the Google
-    and Azure clients' not-found errors (code 404)."""
-    if isinstance(error, FileNotFoundError):
-        return True
-    response = getattr(error, 'response', None)
-    if isinstance(response, dict) and response.get('Error', {}).get('Code') in ('404', 'NoSuchKey'):
-        return True
-    return 404 in (getattr(error, 'code', None), getattr(error, 'status_code', None))
-
-
-def remote_json(url: str, timeout: float = 60) -> Optional[dict[str, Any]]:
-    """The JSON file at ``url`` (any URI Streaming downloads from, or a folder path); None when it is not there.
-    Any other failure (credentials, network) is raised."""
-    with tempfile.TemporaryDirectory() as tmp:
-        target = os.path.join(tmp, os.path.basename(url))
-        try:
-            CloudDownloader.direct_download(url, target, timeout)
-        except Exception as e:
-            if _not_found(e):
-                return None
-            raise
-        return read_json(target)
 
 
 def remote_parts(remote_split: str, parts: Sequence[int]) -> dict[int, dict[str, Any]]:

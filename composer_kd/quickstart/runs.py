@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 from composer_kd.data import build_token_dataloader
 from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
-from composer_kd.run.config import load_config, load_precompute_config
+from composer_kd.config.precompute_config import load_precompute_config
+from composer_kd.config.run_config import load_config
 from composer_kd.run.export import export_student
 from composer_kd.run.precompute import precompute_teacher
-from composer_kd.run.recipes import recipe_path
-from composer_kd.run.step_costs import paired_step_costs, precompute_step, training_step
+from composer_kd.config.loading import recipe_path
+from composer_kd.quickstart.step_costs import paired_step_costs, precompute_step, training_step
 from composer_kd.run.train import build_trainer, train
 
 __all__ = ['RECIPES', 'offline_overrides', 'train_run', 'precompute_run', 'step_costs_run']

@@ -5,8 +5,7 @@ eval during training agree. On a machine with a GPU the models run there; the te
 student."""
 
 import itertools
-import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 from composer.core.precision import get_precision_context
@@ -14,16 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from composer_kd.data.streaming_resources import release_shared_memory
 from composer_kd.data.tokens import build_token_dataloader
+from composer_kd.builders.models import check_model_tokenizer
+from composer_kd.config.eval_config import check_eval_settings
 from composer_kd.errors import ConfigError
-from composer_kd.losses import check_distillation_args
 from composer_kd.model.distillation_model import DistillationModel
-from composer_kd.run.checks import check_precision
-from composer_kd.run.hf_loading import check_model_tokenizer
 
-__all__ = ['evaluate_student', 'evaluate_models', 'EVAL_KEYS']
-
-# The divergences' own settings (beta for jsd, lam for the skew KLs), passed on only when given.
-_DIVERGENCE_KEYS = ('beta', 'lam')
+__all__ = ['evaluate_student', 'evaluate_models']
 
 
 def _device() -> torch.device:
@@ -91,17 +86,6 @@ def evaluate_student(student_dir: str,
                     max_samples, divergence, temperature, precision, divergence_kwargs)
 
 
-# composer-kd eval's settings, by their YAML names (the flags are the same with dashes).
-EVAL_KEYS = ('models', 'data', 'split', 'max_seq_len', 'teacher', 'tokenizer', 'batch_size', 'max_samples',
-             'divergence', 'temperature', *_DIVERGENCE_KEYS, 'precision')
-
-
-def _folder(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not os.path.isdir(os.path.expanduser(value)):
-        raise ConfigError(f'{key}: {value!r} is not a folder')
-    return os.path.expanduser(value)
-
-
 def _check_vocabulary(key: str, folder: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuses a model whose own tokenizer maps tokens to other ids, or with fewer output logits than the
     tokenizer has tokens (from its config: nothing loads)."""
@@ -120,9 +104,10 @@ def evaluate_models(settings: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     the teacher loads once for all of them.
 
     Args:
-        settings (Mapping): ``EVAL_KEYS``; ``models``, ``data`` and ``max_seq_len`` are required, ``tokenizer``
-            defaults to the first model's folder, ``split`` to ``val``, ``precision`` to ``fp32``; ``divergence``,
-            ``temperature``, ``beta`` and ``lam`` are train's ``model.distillation`` settings.
+        settings (Mapping): ``config.eval_config.EVAL_KEYS``; ``models``, ``data`` and ``max_seq_len`` are
+            required, ``tokenizer`` defaults to the first model's folder, ``split`` to ``val``, ``precision`` to
+            ``fp32``; ``divergence``, ``temperature``, ``beta`` and ``lam`` are train's ``model.distillation``
+            settings.
 
     Returns:
         dict: ``{model folder: {metric: value}}``.
@@ -130,50 +115,21 @@ def evaluate_models(settings: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     Raises:
         ConfigError: naming the key and the value, before any model loads.
     """
-    unknown = sorted(set(settings) - set(EVAL_KEYS))
-    if unknown:
-        raise ConfigError(f'unknown key {unknown[0]!r}; allowed: {list(EVAL_KEYS)}')
-    models = settings.get('models')
-    if isinstance(models, str):
-        models = [models]
-    if not isinstance(models, Sequence) or not models:
-        raise ConfigError(f'models must be one or more model folders, got {models!r}')
-    models = [_folder(f'models.{i}', m) for i, m in enumerate(models)]
-    data = _folder('data', settings.get('data'))
-    split = settings.get('split') or 'val'
-    if not os.path.isfile(os.path.join(data, split, 'index.json')):
-        raise ConfigError(f'split: no MDS split {split!r} in {data} (no {split}/index.json)')
-    for key, low in (('max_seq_len', 2), ('batch_size', 1), ('max_samples', 1)):
-        value = settings.get(key)
-        if (value is not None or key == 'max_seq_len') and (isinstance(value, bool) or not isinstance(value, int)
-                                                           or value < low):
-            raise ConfigError(f'{key} must be an integer >= {low}, got {value!r}')
-    teacher = _folder('teacher', settings['teacher']) if settings.get('teacher') is not None else None
-    tokenizer_dir = _folder('tokenizer', settings['tokenizer']) if settings.get('tokenizer') is not None else models[0]
-    precision = check_precision({'precision': settings.get('precision') or 'fp32'}, torch.cuda.is_available())
-    if precision == 'amp_fp8':
-        raise ConfigError("precision='amp_fp8': eval runs fp32, amp_bf16 or amp_fp16 (fp8 autocast needs Transformer "
-                          'Engine layers, which Hugging Face models do not have)')
-    divergence = settings.get('divergence') or 'forward_kl'
-    temperature = settings.get('temperature', 1.0)
-    divergence_kwargs = {k: settings[k] for k in _DIVERGENCE_KEYS if settings.get(k) is not None}
-    try:  # alpha weighs the training loss only: any valid value
-        check_distillation_args(0.5, temperature, divergence, divergence_kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    run = check_eval_settings(settings, torch.cuda.is_available())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f'tokenizer: cannot load a tokenizer from {tokenizer_dir!r}: '
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    except (OSError, ValueError) as e:  # not a tokenizer folder, or Hugging Face cannot read it
+        raise ConfigError(f'tokenizer: cannot load a tokenizer from {run.tokenizer!r}: '
                           f'{str(e).splitlines()[0]}') from e
-    for key, folder in [(f'models.{i}', m) for i, m in enumerate(models)] + ([('teacher', teacher)] if teacher else []):
+    named = [(f'models.{i}', m) for i, m in enumerate(run.models)] + ([('teacher', run.teacher)] if run.teacher else [])
+    for key, folder in named:
         _check_vocabulary(key, folder, tokenizer)
 
     device = _device()
-    teacher_model = _load(teacher, device) if teacher else None
+    teacher_model = _load(run.teacher, device) if run.teacher else None
     return {
-        model: _metrics(_load(model, device), teacher_model, tokenizer, data, split, settings['max_seq_len'],
-                        settings.get('batch_size') or 32, settings.get('max_samples'), divergence, float(temperature),
-                        precision, divergence_kwargs)
-        for model in models
+        model: _metrics(_load(model, device), teacher_model, tokenizer, run.data, run.split, run.max_seq_len,
+                        run.batch_size, run.max_samples, run.divergence, run.temperature, run.precision,
+                        run.divergence_kwargs)
+        for model in run.models
     }

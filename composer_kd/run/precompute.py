@@ -57,11 +57,12 @@ from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.model.vocab import embedding_rows
 from composer_kd.run import precompute_record as record
-from composer_kd.run.checks import check_ensemble, ensemble_mode
-from composer_kd.run.config import teacher_entries
-from composer_kd.run.hf_loading import build_causal_lm, build_tokenizer, check_model_source, check_model_tokenizer
-from composer_kd.run.model_section import fsdp_settings
-from composer_kd.run.precompute_settings import PrecomputeSettings, check_precompute_config, check_precompute_paths
+from composer_kd.builders.models import build_causal_lm, build_tokenizer, check_model_tokenizer
+from composer_kd.config.model_schema import fsdp_settings
+from composer_kd.config.precompute_config import PRECOMPUTE_SCHEMA, PrecomputeSettings, check_precompute_config, \
+    check_precompute_paths
+from composer_kd.config.run_rules import ensemble_mode, ensemble_weights, teacher_entries
+from composer_kd.config.schema import check
 
 __all__ = ['precompute_teacher']
 
@@ -145,6 +146,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
     start_time = time.perf_counter()
     gpu = torch.cuda.is_available()
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    check(cfg, PRECOMPUTE_SCHEMA)  # a library caller's dict too
     settings = check_precompute_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     level = str(cfg.get('python_log_level', 'warning')).upper()
@@ -152,8 +154,6 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         logging.getLogger(name).setLevel(level)
     check_precompute_paths(settings)
     teachers = teacher_entries(cfg['model'])
-    for key, section in teachers:
-        check_model_source(key, section)
     dist.initialize_dist(get_device('gpu' if gpu else 'cpu'), timeout=float(cfg.get('dist_timeout', 600)))
     rank = dist.get_global_rank()
     reproducibility.seed_all(cfg.get('seed', 17))
@@ -209,7 +209,7 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if embedding_rows(model) < vocab:
             raise ConfigError(f'{key}: it has {embedding_rows(model)} output logits but the tokenizer has {vocab} '
                               'tokens')
-    ensemble = FrozenTeachers(models, check_ensemble(cfg['model']) if len(models) > 1 else None,
+    ensemble = FrozenTeachers(models, ensemble_weights(cfg['model']) if len(models) > 1 else None,
                               ensemble_mode(cfg['model']))
     remaining = [p for p in range(num_parts) if p not in kept]
     todo = sum(min((p + 1) * settings.samples_per_part, total) - p * settings.samples_per_part for p in remaining)

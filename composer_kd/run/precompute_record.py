@@ -6,7 +6,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from composer_kd.data.teacher_topk import (
     FORMAT_NAME,
@@ -15,11 +15,11 @@ from composer_kd.data.teacher_topk import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from composer_kd.data.topk_parts import PLAN_FILE, complete_parts, read_json, remote_json, remote_parts
+from composer_kd.config.precompute_config import PrecomputeSettings
+from composer_kd.config.run_rules import ensemble_mode, ensemble_weights, teacher_entries
+from composer_kd.data.json_files import read_json, remote_json
+from composer_kd.data.topk_parts import PLAN_FILE, complete_parts, remote_parts
 from composer_kd.model.vocab import embedding_rows
-from composer_kd.run.checks import check_ensemble, ensemble_mode
-from composer_kd.run.config import teacher_entries
-from composer_kd.run.precompute_settings import PrecomputeSettings
 
 __all__ = ['decide', 'local_state', 'metadata', 'plan', 'summary']
 
@@ -39,7 +39,7 @@ def plan(cfg: Mapping[str, Any], settings: PrecomputeSettings, tokenizer: Any, s
     """What the output depends on; a rerun must find the same plan to continue an earlier run's parts."""
     teachers = [_absolute(section) for _, section in teacher_entries(cfg['model'])]
     local = settings.dataset.get('local')
-    ensemble = {'teachers': teachers, 'weights': check_ensemble(cfg['model']),
+    ensemble = {'teachers': teachers, 'weights': ensemble_weights(cfg['model']),
                 'ensemble': ensemble_mode(cfg['model'])}
     return {
         **({'teacher': teachers[0]} if len(teachers) == 1 else ensemble),

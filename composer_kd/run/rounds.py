@@ -20,80 +20,17 @@ from typing import Any, Mapping, Sequence
 import torch
 from composer.utils import dist
 
-from composer_kd.data.topk_parts import read_json, write_json
+from composer_kd.builders.objects import check_registered_objects
+from composer_kd.config.rounds_config import load_rounds, round_dir
+from composer_kd.data.json_files import read_json, write_json
 from composer_kd.errors import ConfigError
-from composer_kd.run.checks import check_run_config
-from composer_kd.run.config import read_yaml, validate_config
 from composer_kd.run.export import export_student
 from composer_kd.run.train import train
 
-__all__ = ['load_rounds', 'run_rounds']
+__all__ = ['run_rounds']
 
 METRICS_FILE = 'metrics.json'
 SUMMARY_FILE = 'rounds.json'
-
-
-def _round_entries(path: str, overrides: Sequence[str]) -> tuple[list[list[str]], str]:
-    """The ``rounds`` list (each a list of ``key=value`` strings) and the rounds folder, from the YAML as written
-    (a round's overrides may use ``${variables.x}``; they resolve in the round's config)."""
-    raw = read_yaml(path, overrides)
-    rounds = raw.get('rounds')
-    if not isinstance(rounds, list) or not rounds:
-        raise ConfigError(f'rounds must be a non-empty list of rounds (each a list of key=value overrides), got '
-                          f'{rounds!r}')
-    entries = []
-    for i, entry in enumerate(rounds):
-        if entry is None:
-            entry = []
-        if not isinstance(entry, list) or not all(isinstance(item, str) and '=' in item for item in entry):
-            raise ConfigError(f'rounds.{i} must be a list of key=value overrides (e.g. [max_duration=40ba]), got '
-                              f'{entry!r}')
-        entries.append(entry)
-    if not raw.get('run_name'):
-        raise ConfigError('rounds need a run_name (each round runs as RUN_NAME-round-N, and autoresumes by it)')
-    folder = raw.get('rounds_folder') or os.path.join('runs', f'{raw["run_name"]}-rounds')
-    if not isinstance(folder, str):
-        raise ConfigError(f'rounds_folder must be a folder, got {folder!r}')
-    return entries, os.path.abspath(folder)
-
-
-def _names_teacher(overrides: Sequence[str]) -> bool:
-    keys = [item.split('=', 1)[0] for item in overrides]
-    return any(k == p or k.startswith(p + '.') for k in keys for p in ('model.teacher', 'model.teachers'))
-
-
-def load_rounds(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str]:
-    """Every round's resolved, validated run config, and the rounds folder.
-
-    Raises:
-        ConfigError: for a bad ``rounds`` entry or a round whose config is invalid (named ``rounds.N: ...``).
-    """
-    entries, folder = _round_entries(path, overrides)
-    configs = []
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    for r, entry in enumerate(entries, start=1):
-        chain = []
-        if r > 1 and not _names_teacher(entry):
-            previous = os.path.join(_round_dir(folder, r - 1), 'student')
-            chain = ['model.teachers=null', 'model.teacher=null',
-                     f'model.teacher.pretrained_model_name_or_path={previous}']
-        try:
-            cfg = read_yaml(path, [*overrides, *chain, *entry])
-            run_name = f'{cfg["run_name"]}-round-{r}'
-            cfg.pop('rounds', None)
-            cfg.pop('rounds_folder', None)
-            cfg.update({'run_name': run_name, 'save_folder': os.path.join(_round_dir(folder, r), 'checkpoints'),
-                        'autoresume': True})
-            validate_config(cfg)
-            check_run_config(cfg, world_size, torch.cuda.is_available(), os.environ.get('FSDP_VERSION'))
-        except ConfigError as e:
-            raise ConfigError(f'rounds.{r - 1}: {e}') from e
-        configs.append(cfg)
-    return configs, folder
-
-
-def _round_dir(folder: str, r: int) -> str:
-    return os.path.join(folder, f'round-{r}')
 
 
 def _teacher_of(cfg: Mapping[str, Any]) -> str:
@@ -132,10 +69,15 @@ def run_rounds(path: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]
 
     A round with its ``metrics.json`` is skipped; an interrupted one autoresumes from its checkpoints.
     """
-    configs, folder = load_rounds(path, overrides)
+    configs, folder = load_rounds(path, overrides, torch.cuda.is_available(), int(os.environ.get('WORLD_SIZE', '1')))
+    for r, cfg in enumerate(configs):
+        try:
+            check_registered_objects(cfg)
+        except ConfigError as e:
+            raise ConfigError(f'rounds.{r}: {e}') from e
     records = []
     for r, cfg in enumerate(configs, start=1):
-        here = _round_dir(folder, r)
+        here = round_dir(folder, r)
         done = read_json(os.path.join(here, METRICS_FILE))
         if done is not None:
             records.append(done)

@@ -1,5 +1,6 @@
-"""A validated run config → a Composer ``Trainer``. Every user error surfaces as a ``ConfigError`` before the
-``Trainer`` exists, so a bad config leaves nothing in ``save_folder``."""
+"""A checked run config → a Composer ``Trainer``. Every user error surfaces as a ``ConfigError`` before the
+``Trainer`` exists, so a bad config leaves nothing in ``save_folder``; an error raised while Composer builds the
+``Trainer`` (checkpoint loading, FSDP wrapping) is not a config error and keeps its traceback."""
 
 import errno
 import logging
@@ -12,35 +13,26 @@ from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist, format_name_with_dist, get_device, reproducibility
 
+from composer_kd.builders.models import build_distillation_model, build_tokenizer
+from composer_kd.builders.objects import check_registered_objects, construct
+from composer_kd.builders.teacher_data import check_precomputed_data, check_precomputed_tokenizer, \
+    distillation_temperature
 from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory, StopOnSigterm
+from composer_kd.config.model_schema import fsdp_settings
+from composer_kd.config.paths import LocalPaths
+from composer_kd.config.run_config import validate_run_config
+from composer_kd.config.run_rules import METRIC_DIRECTIONS, BatchSizes, check_run_rules, is_precomputed, \
+    loader_max_seq_len, model_entries, run_precision
+from composer_kd.config.run_schema import trainer_keys
 from composer_kd.data.tokens import build_token_dataloader
-from composer_kd.errors import ConfigError, TrainingFault
+from composer_kd.errors import TrainingFault
 from composer_kd.run.checkpoint_repair import repair_checkpoint_folder
-from composer_kd.run.checks import METRIC_DIRECTIONS, check_run_config, run_precision
-from composer_kd.run.config import model_entries
-from composer_kd.run.hf_loading import build_distillation_model, build_tokenizer, check_model_source
-from composer_kd.run.model_section import fsdp_settings
-from composer_kd.run.precomputed_data import (
-    check_precomputed_data,
-    check_precomputed_tokenizer,
-    distillation_temperature,
-    is_precomputed,
-)
-from composer_kd.run.registry import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, construct
-from composer_kd.run.value_checks import loader_max_seq_len
 
-__all__ = ['build_trainer', 'check_only', 'train']
+__all__ = ['build_trainer', 'check_only', 'check_run_config', 'train']
 
 log = logging.getLogger(__name__)
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO)
-
-_TRAINER_PASSTHROUGH = (
-    'run_name', 'max_duration', 'eval_interval', 'eval_subset_num_batches', 'train_subset_num_batches', 'save_folder',
-    'save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite', 'save_filename', 'save_latest_filename',
-    'save_weights_only', 'load_path', 'load_weights_only', 'load_strict_model_weights', 'autoresume', 'progress_bar',
-    'log_to_console', 'console_log_interval', 'dist_timeout')
-
 
 def _parallelism(cfg: Mapping[str, Any], world_size: int) -> dict[str, Any] | None:
     """Composer's ``parallelism_config``; like LLM Foundry, a single process runs without FSDP, and
@@ -65,7 +57,7 @@ def _callbacks(cfg: Mapping[str, Any]) -> list[Any]:
         if name in ('early_stopper', 'threshold_stopper'):  # checked: the monitor is one of our metrics
             kwargs.setdefault('comp', METRIC_DIRECTIONS[kwargs['monitor']])
             kwargs.setdefault('dataloader_label', 'eval')
-        built.append(construct('callbacks', CALLBACKS, name, kwargs))
+        built.append(construct('callbacks', name, kwargs))
     return built
 
 
@@ -91,19 +83,24 @@ def _checkpoint_write_failure(error: BaseException) -> Optional[str]:
     return None
 
 
-def _check_before_loading(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str]) -> Any:
-    """What ``build_trainer`` and ``train --check`` check before anything loads: every value, the precomputed
-    teacher's records, and that local model folders exist. Returns the batch sizes and the precomputed teacher's
-    train and eval records (``None`` without one)."""
-    sizes = check_run_config(cfg, world_size, gpu, fsdp_version)
-    records = check_precomputed_data(cfg) if is_precomputed(cfg) else (None, None)
-    for key, section in model_entries(cfg['model']):
-        check_model_source(key, section)  # a missing model folder fails now, before any data or model loads
-    return sizes, records
+def check_run_config(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str] = None,
+                     paths: Optional[LocalPaths] = None) -> BatchSizes:
+    """Every check of a run config that loads no model, data or tokenizer, for a run of ``world_size`` processes
+    on GPUs (``gpu``) or CPUs: the schema, the rules between keys (``config/``), and the registered objects'
+    arguments against their classes. Returns the device batch sizes.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    validate_run_config(cfg)
+    sizes = check_run_rules(cfg, world_size, gpu, fsdp_version, paths)
+    check_registered_objects(cfg)
+    return sizes
 
 
 def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
-    """Builds the ``Trainer`` for a config returned by ``composer_kd.config.load_config``.
+    """Builds the ``Trainer`` for a run config (``composer_kd.config.run_config.load_config``, or a dict of
+    the same keys: it is checked here too).
 
     Raises:
         ConfigError: for any value that cannot be used, naming its key.
@@ -111,8 +108,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     gpu = torch.cuda.is_available()
     device = 'gpu' if gpu else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    (device_batch, microbatch, eval_batch), (train_teacher, eval_teacher) = _check_before_loading(
-        cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, os.environ.get('FSDP_VERSION'))
+    train_teacher, eval_teacher = check_precomputed_data(cfg) if is_precomputed(cfg) else (None, None)
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     level = str(cfg.get('python_log_level', 'warning')).upper()
     for name in ('composer', 'composer_kd'):
@@ -140,22 +137,18 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     def loader(section: str, batch_size: int) -> Any:
         loader_cfg = {k: v for k, v in cfg[section].items() if k != 'name'}
         dataset = {**loader_cfg.pop('dataset'), 'max_seq_len': loader_max_seq_len(cfg, section)}
-        try:
-            return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
-                                          vocab_size=len(tokenizer), **loader_cfg)
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            raise ConfigError(f'{section}: {str(e).splitlines()[0]}') from e
+        return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
+                                      vocab_size=len(tokenizer), key=section, **loader_cfg)
 
     train_spec = loader('train_loader', device_batch)
     eval_spec = loader('eval_loader', eval_batch) if cfg.get('eval_loader') is not None else None
 
     model = build_distillation_model(cfg['model'], tokenizer)
-    optimizer_name, optimizer_kwargs = _named('optimizer', cfg)
     student_params = [p for p in model.model.parameters() if p.requires_grad]
-    optimizer = construct('optimizer', OPTIMIZERS, optimizer_name, optimizer_kwargs, student_params)
-    schedulers = [construct('scheduler', SCHEDULERS, *_named('scheduler', cfg))] if cfg.get('scheduler') else []
-    algorithms = [construct('algorithms', ALGORITHMS, n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
-    loggers = [construct('loggers', LOGGERS, n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
+    optimizer = construct('optimizer', *_named('optimizer', cfg), student_params)
+    schedulers = [construct('scheduler', *_named('scheduler', cfg))] if cfg.get('scheduler') else []
+    algorithms = [construct('algorithms', n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
+    loggers = [construct('loggers', n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
     callbacks = [*_callbacks(cfg), NonFiniteGuard(cfg.get('on_nonfinite', 'raise')), StopOnSigterm(),
                  ReleaseStreamingMemory()]
     metric_names = list(model.get_metrics(is_train=False))
@@ -163,43 +156,47 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
         metric_names = [name for name in metric_names if not name.startswith('Teacher')]
     evaluators = Evaluator(label='eval', dataloader=eval_spec, metric_names=metric_names) if eval_spec else None
 
-    trainer_kwargs = {k: cfg[k] for k in _TRAINER_PASSTHROUGH if k in cfg}
-    try:
-        return Trainer(model=model,
-                       train_dataloader=train_spec,
-                       eval_dataloader=evaluators,
-                       optimizers=optimizer,
-                       schedulers=schedulers,
-                       algorithms=algorithms,
-                       callbacks=callbacks,
-                       loggers=loggers,
-                       device=device,
-                       precision=run_precision(cfg, gpu),
-                       device_train_microbatch_size=microbatch,
-                       accumulate_train_batch_on_tokens=cfg.get('accumulate_train_batch_on_tokens', True),
-                       parallelism_config=parallelism_config,
-                       seed=seed,
-                       **trainer_kwargs)
-    except ValueError as e:
-        if isinstance(e, OSError):  # io.UnsupportedOperation is both; it is no user error
-            raise
-        raise ConfigError(str(e).splitlines()[0]) from e
+    trainer_kwargs = {k: cfg[k] for k in trainer_keys() if k in cfg}
+    return Trainer(model=model,
+                   train_dataloader=train_spec,
+                   eval_dataloader=evaluators,
+                   optimizers=optimizer,
+                   schedulers=schedulers,
+                   algorithms=algorithms,
+                   callbacks=callbacks,
+                   loggers=loggers,
+                   device=device,
+                   precision=run_precision(cfg, gpu),
+                   device_train_microbatch_size=microbatch,
+                   accumulate_train_batch_on_tokens=cfg.get('accumulate_train_batch_on_tokens', True),
+                   parallelism_config=parallelism_config,
+                   seed=seed,
+                   **trainer_kwargs)
 
 
-def check_only(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str]) -> str:
+def check_only(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_version: Optional[str]) -> list[str]:
     """``train --check``: every check ``build_trainer`` makes before it loads anything, for a run of
-    ``world_size`` processes on GPUs or CPUs; loads no tokenizer, data or model. Returns a summary line.
+    ``world_size`` processes on GPUs or CPUs; loads no tokenizer, data or model. It may run on another machine than
+    the run (a laptop, for a cluster recipe): a local path that is not here is listed, not refused.
+
+    Returns:
+        list[str]: the report: a summary line, then the local paths not checked here (if any).
 
     Raises:
         ConfigError: naming the key and the value.
     """
-    (device_batch, microbatch, eval_batch), _ = _check_before_loading(cfg, world_size, gpu, fsdp_version)
+    paths = LocalPaths(elsewhere=True)
+    device_batch, microbatch, eval_batch = check_run_config(cfg, world_size, gpu, fsdp_version, paths)
+    if is_precomputed(cfg):
+        check_precomputed_data(cfg, paths)
     models = model_entries(cfg['model'])
     sharding = 'FSDP' + ('2' if fsdp_version == '2' else '1') if _parallelism(cfg, world_size) else 'no FSDP'
     teacher = 'precomputed teacher' if is_precomputed(cfg) else f'{len(models) - 1} teacher model(s)'
-    return (f'{world_size} {"GPU" if gpu else "CPU"} process(es), {sharding}, precision {run_precision(cfg, gpu)}; '
-            f'device batch {device_batch} (microbatch {microbatch}), eval batch {eval_batch}; student and {teacher}; '
-            'nothing was loaded')
+    lines = [f'{world_size} {"GPU" if gpu else "CPU"} process(es), {sharding}, precision {run_precision(cfg, gpu)}; '
+             f'device batch {device_batch} (microbatch {microbatch}), eval batch {eval_batch}; student and '
+             f'{teacher}; nothing was loaded']
+    lines += [f'not checked here: {key} (not on this machine)' for key in paths.not_checked]
+    return lines
 
 
 def train(cfg: Mapping[str, Any]) -> Trainer:

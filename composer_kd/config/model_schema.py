@@ -1,5 +1,6 @@
 """A model section (``model.student``, ``model.teacher``, ``model.teachers.N``) in LLM Foundry's ``hf_causal_lm``
-terms: which keys it takes, what each means, and the ``from_pretrained`` arguments they become.
+terms, and ``model.distillation``: their keys, what each means, the rules between them, and the
+``from_pretrained`` arguments they become.
 
 Foundry's model block ports as written (``name``, ``pretrained_model_name_or_path``, ``pretrained``,
 ``init_device``, ``config_overrides``, ``use_flash_attention_2``, ``revision``, ``trust_remote_code``,
@@ -11,10 +12,15 @@ reason. One difference on purpose: ``trust_remote_code`` is off unless the YAML 
 import os
 from typing import Any, Mapping
 
+from composer_kd.config.kinds import AnyOf, Anything, Bool, Choice, Number, Text
+from composer_kd.config.schema import MODEL, Free, Key, Section
 from composer_kd.errors import ConfigError
+from composer_kd.losses.settings import DIVERGENCE_ARGUMENTS, ENSEMBLE_MODES
 
-__all__ = ['MODEL_KEYS', 'INIT_DEVICES', 'REFUSED', 'attention', 'check_model_section', 'fsdp_settings', 'hub_kwargs',
-           'init_device', 'loads_weights']
+__all__ = [
+    'DISTILLATION', 'HF_MODEL_SECTION', 'INIT_DEVICES', 'MODEL_KEYS', 'REFUSED', 'attention', 'check_model_section', 'fsdp_settings',
+    'hub_kwargs', 'init_device', 'loads_weights', 'model_section'
+]
 
 INIT_DEVICES = ('cpu', 'meta', 'mixed')
 _DTYPES = ('auto', 'float32', 'float16', 'bfloat16', 'float64')
@@ -35,20 +41,64 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     'additional_train_metrics': ((None, []), _METRICS),
     'additional_eval_metrics': ((None, []), _METRICS),
 }
-MODEL_KEYS = frozenset({
-    'name', 'pretrained_model_name_or_path', 'pretrained', 'config', 'config_overrides', 'init_device', 'torch_dtype',
-    'attn_implementation', 'use_flash_attention_2', 'revision', 'trust_remote_code', 'use_auth_token', 'token',
-    *REFUSED
-})
 
 
-def _expect(ok: bool, key: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ConfigError(f'{key} must be {what}, got {value!r}')
+_TOKEN = AnyOf(Bool(), Text(), what='true (the HF_TOKEN of the environment), false or a token')
+_HF_KEYS = (
+    Key('name', Choice(['hf_causal_lm'], what="'hf_causal_lm' (Hugging Face causal language models) or left out"),
+        'LLM Foundry\'s model name; only Hugging Face causal LMs.', dest=MODEL),
+    Key('pretrained_model_name_or_path', Text(what='a folder or a Hugging Face model id'),
+        'A saved model: a local folder or a Hub id (give this or `config`).', dest=MODEL),
+    Key('pretrained', Bool(), '`false`: a fresh model from the saved config (Foundry\'s meaning).', True, MODEL),
+    Free('config', 'A fresh model from a config dict with a `model_type` (give this or '
+         '`pretrained_model_name_or_path`).', MODEL),
+    Free('config_overrides', 'Fields set on the model\'s config before it is built.', MODEL),
+    Key('init_device', Choice(INIT_DEVICES), '`cpu`: every rank loads; `mixed`: rank 0 loads, FSDP gives the other '
+        'ranks their shards; `meta`: empty weights, initialised once sharded (fresh models, GPU).', 'cpu', MODEL),
+    Key('torch_dtype', Choice(_DTYPES), 'The weights\' dtype (a frozen teacher needs no fp32 master weights).',
+        dest=MODEL),
+    Key('attn_implementation', Choice(_ATTENTION), 'Hugging Face\'s attention implementation.', dest=MODEL),
+    Key('use_flash_attention_2', Bool(), 'Foundry\'s spelling of `attn_implementation: flash_attention_2`.',
+        dest=MODEL),
+    Key('revision', Text(what='a branch, tag or commit of the model repository'), 'A Hub revision.', dest=MODEL),
+    Key('trust_remote_code', Bool(), 'Run a Hub model\'s own code (off unless set: Foundry\'s default is on).', False,
+        MODEL),
+    Key('use_auth_token', _TOKEN, 'Foundry\'s old name of `token`.', dest=MODEL),
+    Key('token', _TOKEN, 'A Hub token (`true`: the environment\'s HF_TOKEN).', dest=MODEL),
+    *(Key(name, Anything(), f'Refused unless {" or ".join(repr(v) for v in same)}: {reason}.', dest=MODEL)
+      for name, (same, reason) in REFUSED.items()),
+)
+MODEL_KEYS = frozenset(entry.name for entry in _HF_KEYS)
+
+
+def model_section(name: str, help: str, *extra: Any, required: bool = False) -> Section:
+    """A section of ``hf_causal_lm`` keys (and ``extra`` entries)."""
+    return Section(name, help, (*_HF_KEYS, *extra), required=required, dest=MODEL)
+
+
+HF_MODEL_SECTION = model_section('model', 'A Hugging Face causal LM (LLM Foundry\'s hf_causal_lm block).')
+
+
+_BETA = DIVERGENCE_ARGUMENTS['jsd']['beta']
+_LAM = DIVERGENCE_ARGUMENTS['skew_kl']['lam']
+DISTILLATION = Section('distillation', 'The loss: `alpha·CE + (1 − alpha)·T²·D(teacher‖student)`.', (
+    Key('alpha', Number(0, 1), 'Weight of cross-entropy on the labels (1 without a teacher).', 0.5, MODEL),
+    Key('temperature', Number(0, low_open=True), 'Softmax temperature T of both distributions in D.', 1.0, MODEL),
+    Key('divergence', Choice(sorted(DIVERGENCE_ARGUMENTS)), 'D.', 'forward_kl', MODEL),
+    Key('beta', Number(_BETA[1], _BETA[2], what=f'a number in [{_BETA[1]}, {_BETA[2]}]'), '`jsd`: the teacher\'s '
+        'weight in the mixture.', _BETA[0], MODEL),
+    Key('lam', Number(_LAM[1], _LAM[2], what=f'a number in [{_LAM[1]}, {_LAM[2]}]'), '`skew_kl` / '
+        '`skew_reverse_kl`: the skew.', _LAM[0], MODEL),
+    Key('ensemble', Choice(ENSEMBLE_MODES), 'With `model.teachers`: mix their tempered distributions (`probs`) or '
+        'average their logits (`logits`).', 'probs', MODEL, refusal='{path}={value!r}: use {what}'),
+    Key('fused_head', AnyOf(Bool(), Choice(['liger']), what='true, false or liger'), 'Apply the LM heads inside the '
+        'loss, chunk by chunk: no (B, T, V) logits at all (`liger`: Liger-Kernel\'s where it computes the same).',
+        False, MODEL),
+), dest=MODEL)
 
 
 def check_model_section(key: str, section: Mapping[str, Any]) -> None:
-    """Every value of one model section, naming the key; nothing is loaded.
+    """The rules between one model section's keys (each value's kind is the schema's), naming the key.
 
     Args:
         key (str): the section's config path (``model.student``), for messages.
@@ -57,44 +107,21 @@ def check_model_section(key: str, section: Mapping[str, Any]) -> None:
     for name, (same, reason) in REFUSED.items():
         if name in section and not any(section[name] == v and type(section[name]) is type(v) for v in same):
             raise ConfigError(f'{key}.{name}={section[name]!r} is not supported: {reason}')
-    if section.get('name') is not None:
-        _expect(section['name'] == 'hf_causal_lm', f'{key}.name', section['name'],
-                "'hf_causal_lm' (Hugging Face causal language models) or left out")
     source, config = section.get('pretrained_model_name_or_path'), section.get('config')
     if (source is None) == (config is None):
         raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or config '
                           '(a from-scratch model)')
     if config is not None and (not isinstance(config, Mapping) or 'model_type' not in config):
         raise ConfigError(f'{key}.config must be a mapping with a model_type, got {config!r}')
-    for flag in ('pretrained', 'trust_remote_code', 'use_flash_attention_2'):
-        if section.get(flag) is not None:
-            _expect(isinstance(section[flag], bool), f'{key}.{flag}', section[flag], 'true or false')
     if config is not None and section.get('pretrained') is True:
         raise ConfigError(f'{key}.pretrained: true needs pretrained_model_name_or_path (config builds a fresh model)')
-    if section.get('config_overrides') is not None:
-        _expect(isinstance(section['config_overrides'], Mapping), f'{key}.config_overrides',
-                section['config_overrides'], 'a mapping of config fields')
-    if section.get('torch_dtype') is not None:
-        _expect(section['torch_dtype'] in _DTYPES, f'{key}.torch_dtype', section['torch_dtype'],
-                f'one of {list(_DTYPES)}')
-    attention = section.get('attn_implementation')
-    if attention is not None:
-        _expect(attention in _ATTENTION, f'{key}.attn_implementation', attention, f'one of {list(_ATTENTION)}')
-        if section.get('use_flash_attention_2') and attention != 'flash_attention_2':
-            raise ConfigError(f'{key}: use_flash_attention_2: true and attn_implementation: {attention} disagree; '
-                              'give one of them')
-    if section.get('revision') is not None:
-        _expect(isinstance(section['revision'], str) and section['revision'] != '', f'{key}.revision',
-                section['revision'], 'a branch, tag or commit of the model repository')
-    for token in ('use_auth_token', 'token'):
-        if section.get(token) is not None:
-            _expect(isinstance(section[token], (bool, str)) and section[token] != '', f'{key}.{token}',
-                    section[token], 'true (the HF_TOKEN of the environment), false or a token')
+    attention_key = section.get('attn_implementation')
+    if attention_key is not None and section.get('use_flash_attention_2') and attention_key != 'flash_attention_2':
+        raise ConfigError(f'{key}: use_flash_attention_2: true and attn_implementation: {attention_key} disagree; '
+                          'give one of them')
     if section.get('use_auth_token') is not None and section.get('token') is not None:
         raise ConfigError(f'{key}: give token or use_auth_token (its old name), not both')
-    device = section.get('init_device', 'cpu')
-    _expect(device in INIT_DEVICES, f'{key}.init_device', device, f'one of {list(INIT_DEVICES)}')
-    if device == 'meta' and loads_weights(section):
+    if init_device(section) == 'meta' and loads_weights(section):
         raise ConfigError(f'{key}.init_device: meta builds empty weights, so it needs pretrained: false (or config); '
                           'init_device: mixed loads pretrained weights on rank 0 only')
 

@@ -1,5 +1,7 @@
 """Builds the tokenizer, the student, the teacher and the ``DistillationModel`` from the YAML ``model:`` and
-``tokenizer:`` sections, turning every loading failure into a ``ConfigError`` that names its key."""
+``tokenizer:`` sections (already checked by ``config/``). A folder or Hub id that cannot be read as a model or
+tokenizer (``OSError``, Hugging Face's ``ValueError``) is a ``ConfigError`` naming its key; anything else keeps its
+traceback."""
 
 import os
 from typing import Any, Mapping, Optional
@@ -9,37 +11,26 @@ from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_utils import init_empty_weights
 
+from composer_kd.config.model_schema import HF_MODEL_SECTION, attention, check_model_section, hub_kwargs, \
+    init_device, loads_weights
+from composer_kd.config.paths import LocalPaths
+from composer_kd.config.run_rules import ensemble_weights, has_teacher, model_entries, teacher_entries
+from composer_kd.config.schema import check
 from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.vocab import check_same_vocabulary
-from composer_kd.run.checks import check_ensemble, has_teacher
-from composer_kd.run.config import model_entries, teacher_entries
-from composer_kd.run.model_section import attention, check_model_section, hub_kwargs, init_device, loads_weights
 
-__all__ = [
-    'build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_source', 'check_model_tokenizer',
-    'looks_local'
-]
+__all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_tokenizer']
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
 
 
-def looks_local(name: str) -> bool:
-    """True for names that can only be a local folder (a hub id is ``name`` or ``org/name``)."""
-    return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or os.sep != '/' and os.sep in name
+def _without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in keys}
 
 
-def check_model_source(key: str, cfg: Mapping[str, Any]) -> None:
-    """Refuses a ``pretrained_model_name_or_path`` that names a local folder that is not there (no loading)."""
-    if cfg.get('pretrained_model_name_or_path') is not None:
-        _check_source(f'{key}.pretrained_model_name_or_path', cfg['pretrained_model_name_or_path'])
-
-
-def _check_source(key: str, name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f'{key} must be a folder or a Hugging Face model id, got {name!r}')
-    if not os.path.isdir(os.path.expanduser(name)) and looks_local(name):
-        raise ConfigError(f'{key}: folder {name!r} does not exist')
+def _check_source(key: str, name: str) -> str:
+    LocalPaths().folder(key, name)
     return os.path.expanduser(name)
 
 
@@ -48,7 +39,7 @@ def build_tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
     name = _check_source('tokenizer.name', cfg['name'])
     try:
         return AutoTokenizer.from_pretrained(name, **(cfg.get('kwargs') or {}))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError) as e:  # not a tokenizer folder, or Hugging Face cannot read it
         raise ConfigError(f'tokenizer.name: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}') from e
 
 
@@ -72,8 +63,9 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
 
     Args:
         key (str): the config path of this section, for messages (``model.student``).
-        cfg (Mapping): the section.
+        cfg (Mapping): the section (a library caller's is checked here as a YAML's would be).
     """
+    check(_without(cfg, ('weight', 'precomputed')), HF_MODEL_SECTION, key)
     check_model_section(key, cfg)
     source, config_dict = cfg.get('pretrained_model_name_or_path'), cfg.get('config')
     kwargs: dict[str, Any] = {'trust_remote_code': bool(cfg.get('trust_remote_code', False))}
@@ -100,9 +92,9 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
             model = AutoModelForCausalLM.from_pretrained(source, config=config, torch_dtype=dtype, **hub, **kwargs)
         else:
             model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # a folder or config Hugging Face cannot read as this model
         raise ConfigError(f'{key}: cannot build the model: {str(e).splitlines()[0]}') from e
     return model
 
@@ -138,7 +130,7 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
     if not has_teacher(cfg):
         distillation.setdefault('alpha', 1.0)
-    weights = check_ensemble(cfg)
+    weights = ensemble_weights(cfg)
     teachers = teacher_entries(cfg)
     for key, section in model_entries(cfg):  # cheap, so before the models load
         check_model_tokenizer(key, section, tokenizer)

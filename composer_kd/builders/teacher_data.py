@@ -16,17 +16,12 @@ from composer_kd.data.teacher_topk import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
+from composer_kd.config.paths import LocalPaths, looks_local
 from composer_kd.errors import ConfigError
-from composer_kd.run.hf_loading import looks_local
 
-__all__ = ['is_precomputed', 'check_precomputed_data', 'check_precomputed_tokenizer', 'distillation_temperature']
+__all__ = ['check_precomputed_data', 'check_precomputed_tokenizer', 'distillation_temperature']
 
 log = logging.getLogger(__name__)
-
-
-def is_precomputed(cfg: Mapping[str, Any]) -> bool:
-    """Whether the run's teacher is a precomputed dataset rather than a model."""
-    return bool((cfg['model'].get('teacher') or {}).get('precomputed'))
 
 
 def distillation_temperature(cfg: Mapping[str, Any]) -> float:
@@ -73,8 +68,17 @@ def _check_teacher_source(teacher: Mapping[str, Any], dataset: Mapping[str, Any]
                           f'{_where(dataset)} was precomputed from another model ({meta["teacher"]["source"]!r})')
 
 
-def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-    """Reads and checks the precomputed teacher of the train (and eval) data; returns their metadata.
+def _elsewhere(dataset: Mapping[str, Any], paths: Optional[LocalPaths]) -> bool:
+    """A local-only dataset that is not on this machine, with ``--paths-elsewhere``: not checked here."""
+    return (paths is not None and paths.elsewhere and not dataset.get('remote')
+            and not os.path.isdir(os.path.join(dataset.get('local') or '', dataset.get('split') or '')))
+
+
+def check_precomputed_data(cfg: Mapping[str, Any],
+                           paths: Optional[LocalPaths] = None) -> tuple[Optional[dict[str, Any]], Optional[dict[str,
+                                                                                                             Any]]]:
+    """Reads and checks the precomputed teacher of the train (and eval) data; returns their metadata (None for a
+    split that ``paths`` says lives elsewhere).
 
     Eval data without a precomputed teacher is allowed: the teacher metrics are skipped with a warning (and an
     early stopper that monitors one is refused).
@@ -85,6 +89,8 @@ def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
     """
     temperature = distillation_temperature(cfg)
     train = cfg['train_loader']['dataset']
+    if _elsewhere(train, paths):
+        return None, None
     train_meta = _read('train_loader.dataset', train)
     if train_meta is None:
         raise ConfigError(f'train_loader.dataset: no precomputed teacher at {_where(train)} (no {METADATA_FILE} '
@@ -95,6 +101,8 @@ def check_precomputed_data(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
     if cfg.get('eval_loader') is None:
         return train_meta, None
     evaluation = cfg['eval_loader']['dataset']
+    if _elsewhere(evaluation, paths):
+        return train_meta, None
     eval_meta = _read('eval_loader.dataset', evaluation)
     if eval_meta is None:
         monitored = [name for name, kwargs in (cfg.get('callbacks') or {}).items()
