@@ -15,13 +15,9 @@ from gpu_common import Report, Sizes, generator, measure
 from torch.utils.data import DataLoader
 
 from composer_kd import DistillationModel, token_data_spec
+from composer_kd.builders.models import build_causal_lm
 from composer_kd.data.tokens import collate_tokens
 from composer_kd.model.teacher_topk_model import TeacherTopKModel, topk_logprobs
-
-try:
-    from composer_kd.builders.models import build_causal_lm
-except ImportError:  # before run/hf_loading.py moved to build/models.py (in progress on 2026-12-03); then drop this
-    from composer_kd.builders.models import build_causal_lm
 
 __all__ = ['g4_fsdp', 'g5_precompute_topk']
 
