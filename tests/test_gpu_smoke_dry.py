@@ -69,3 +69,26 @@ def test_step_0_stops_with_one_line_when_composer_cannot_be_imported(tmp_path: P
         "ImportError: cannot import name '_foo' from torch" in lines[1] and 'docs/gpu.md' in lines[1], lines[1]
     results = json.loads(out.read_text())
     assert results['fatal'] == lines[1].removeprefix('gpu_smoke: ') and 'cases' not in results
+
+
+def test_a_case_or_part_that_raises_is_recorded_and_the_rest_still_runs(monkeypatch: Any) -> None:
+    import torch
+    monkeypatch.syspath_prepend(str(REPO / 'tests' / 'gpu'))
+    from gpu_common import DRY, Report, attempt, run_case
+
+    def broken(sizes: Any, device: torch.device) -> Report:
+        raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB (simulated)')
+
+    def partly_broken(sizes: Any, device: torch.device) -> Report:
+        report = Report()
+        attempt(report, 'first', lambda: 1 / 0)
+        report.at_most('second part', 0.5, 1.0)  # runs after the failed part
+        return report
+
+    entry = run_case(broken, DRY, torch.device('cpu'))
+    assert entry['status'] == 'error' and entry['time_s'] >= 0
+    assert 'Traceback' in entry['exception'] and entry['exception'].strip().endswith('(simulated)')
+    entry = run_case(partly_broken, DRY, torch.device('cpu'))
+    assert entry['status'] == 'failed'
+    assert [c['name'] for c in entry['checks']] == ['first: ran', 'second part']
+    assert 'ZeroDivisionError' in entry['result']['first']['exception'] and entry['checks'][1]['ok']

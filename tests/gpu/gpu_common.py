@@ -16,13 +16,13 @@ import math
 import statistics
 import time
 import traceback
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 
 __all__ = [
-    'BF16_GRAD', 'DRY', 'GPU', 'Report', 'Sizes', 'autocast', 'generator', 'measure', 'rel', 'run_case',
-    'synchronize', 'tf32'
+    'BF16_GRAD', 'DRY', 'GPU', 'Report', 'Sizes', 'attempt', 'autocast', 'generator', 'measure', 'rel', 'run_case',
+    'short_traceback', 'synchronize', 'tf32'
 ]
 
 # Bounds shared by the cases. bf16 keeps 8 significant bits (2^-9 ≈ 2e-3 relative rounding): a gradient that
@@ -198,9 +198,24 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[
     return {'median_s': statistics.median(times) if times else None, 'peak_growth_bytes': growth}, output
 
 
-def _short_traceback(error: BaseException, frames: int = 6, chars: int = 4000) -> str:
+def short_traceback(error: BaseException, frames: int = 6, chars: int = 4000) -> str:
     text = ''.join(traceback.format_exception(type(error), error, error.__traceback__, limit=-frames))
     return text if len(text) <= chars else '…' + text[-chars:]
+
+
+def attempt(report: Report, part: str, fn: Callable[[], Any]) -> Any:
+    """Runs one part of a case: an exception fails the check ``<part>: ran`` and is kept under ``result[part]``,
+    so the parts before and after it still report (``None`` is returned then)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - recorded as a failed check
+        report.result[part] = {'exception': short_traceback(error)}
+        report.holds(f'{part}: ran', False, f'{type(error).__name__}: {str(error)[:300]}')
+        return None
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_case(fn: Callable[[Sizes, torch.device], Report], sizes: Sizes, device: torch.device) -> dict[str, Any]:
@@ -222,7 +237,7 @@ def run_case(fn: Callable[[Sizes, torch.device], Report], sizes: Sizes, device: 
         report = fn(sizes, device)
         synchronize(device)
     except Exception as error:  # noqa: BLE001 - recorded, and the next case runs
-        entry.update(status='error', exception=_short_traceback(error))
+        entry.update(status='error', exception=short_traceback(error))
         del error
     else:
         entry.update(status='failed' if report.failures() else
@@ -237,6 +252,3 @@ def run_case(fn: Callable[[Sizes, torch.device], Report], sizes: Sizes, device: 
     return entry
 
 
-def cuda_only(device: torch.device) -> Optional[str]:
-    """Why a CUDA-only part cannot run on ``device``; None on CUDA."""
-    return None if device.type == 'cuda' else 'needs CUDA'

@@ -11,7 +11,7 @@ import torch
 from composer import Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils import FSDP2Config, FSDPConfig, dist
-from gpu_common import Report, Sizes, generator, measure
+from gpu_common import Report, Sizes, attempt, generator, measure
 from torch.utils.data import DataLoader
 
 from composer_kd import DistillationModel, token_data_spec
@@ -178,12 +178,10 @@ def g4_fsdp(sizes: Sizes, device: torch.device) -> Report:
     report = Report()
     if device.type == 'cuda':
         dist.initialize_dist('gpu')  # a one-process NCCL group (the Trainer would make the same one)
-        for version in ('fsdp1', 'fsdp2'):
-            try:
-                report.result[version] = _fsdp_variant(report, sizes, device, version)
-            except Exception as e:  # noqa: BLE001 - one variant's failure must not hide the other's result
-                report.result[version] = {'exception': f'{type(e).__name__}: {e}'[:2000]}
-                report.holds(f'{version}: ran', False, f'{type(e).__name__}: {str(e)[:300]}')
+        for version in ('fsdp1', 'fsdp2'):  # one variant's failure must not hide the other's result
+            result = attempt(report, version, lambda: _fsdp_variant(report, sizes, device, version))
+            if result is not None:
+                report.result[version] = result
         return report
     for version in ('fsdp1', 'fsdp2'):
         report.skip(version, 'needs CUDA (Composer\'s FSDP1 wrapping and FSDP2\'s meta initialisation)')
@@ -214,8 +212,8 @@ def g5_precompute_topk(sizes: Sizes, device: torch.device) -> Report:
     """
     report = Report()
     B, T = sizes.g5_batch
-    _g5_topk(report, sizes, device)
-    _g5_teacher(report, sizes, device, B * T)
+    attempt(report, 'topk', lambda: _g5_topk(report, sizes, device))
+    attempt(report, 'teacher', lambda: _g5_teacher(report, sizes, device, B * T))
     return report
 
 
