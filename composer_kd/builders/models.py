@@ -18,6 +18,7 @@ from composer_kd.config.run_rules import ensemble_weights, has_teacher, model_en
 from composer_kd.config.schema import check
 from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
+from composer_kd.model.hidden_state_taps import HiddenStateDistillation
 from composer_kd.model.vocab import check_same_vocabulary
 
 __all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_tokenizer']
@@ -130,6 +131,7 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
     if not has_teacher(cfg):
         distillation.setdefault('alpha', 1.0)
+    hidden_states = distillation.pop('hidden_states', None)
     weights = ensemble_weights(cfg)
     teachers = teacher_entries(cfg)
     for key, section in model_entries(cfg):  # cheap, so before the models load
@@ -137,7 +139,11 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     student = build_causal_lm('model.student', cfg['student'])
     models = [build_causal_lm(key, section) for key, section in teachers]
     try:
+        taps = HiddenStateDistillation(student, models[0], **hidden_states) if hidden_states is not None else None
+    except ValueError as e:
+        raise ConfigError(f'model.distillation.hidden_states: {e}') from e
+    try:
         return DistillationModel(student, models or None, tokenizer, teacher_weights=weights if models else None,
-                                 precomputed_teacher=precomputed, **distillation)
+                                 precomputed_teacher=precomputed, hidden_states=taps, **distillation)
     except ValueError as e:
         raise ConfigError(f'model: {e}') from e

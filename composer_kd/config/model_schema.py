@@ -12,14 +12,14 @@ reason. One difference on purpose: ``trust_remote_code`` is off unless the YAML 
 import os
 from typing import Any, Mapping
 
-from composer_kd.config.kinds import AnyOf, Anything, Bool, Choice, Number, Text
+from composer_kd.config.kinds import AnyOf, Anything, Bool, Choice, Integer, ListOf, Number, Text
 from composer_kd.config.schema import MODEL, Free, Key, Section
 from composer_kd.errors import ConfigError
 from composer_kd.losses.settings import DIVERGENCE_ARGUMENTS, ENSEMBLE_MODES
 
 __all__ = [
-    'DISTILLATION', 'HF_MODEL_SECTION', 'INIT_DEVICES', 'MODEL_KEYS', 'REFUSED', 'attention', 'check_model_section', 'fsdp_settings',
-    'hub_kwargs', 'init_device', 'loads_weights', 'model_section'
+    'DISTILLATION', 'HF_MODEL_SECTION', 'HIDDEN_STATES', 'HIDDEN_STATE_LOSSES', 'INIT_DEVICES', 'MODEL_KEYS', 'REFUSED',
+    'attention', 'check_model_section', 'fsdp_settings', 'hub_kwargs', 'init_device', 'loads_weights', 'model_section'
 ]
 
 INIT_DEVICES = ('cpu', 'meta', 'mixed')
@@ -79,6 +79,21 @@ def model_section(name: str, help: str, *extra: Any, required: bool = False) -> 
 HF_MODEL_SECTION = model_section('model', 'A Hugging Face causal LM (LLM Foundry\'s hf_causal_lm block).')
 
 
+# composer_kd.losses.hidden_states.HIDDEN_STATE_LOSSES (tests/test_hidden_states.py checks they agree).
+HIDDEN_STATE_LOSSES = ('cosine', 'mse', 'normalized_mse')
+HIDDEN_STATES = Section('hidden_states', 'Also distil intermediate hidden states: `weight` times their distance is '
+                        'added to the loss, logged as loss/train/hidden (docs/pruned-students.md).', (
+    Key('pairs', AnyOf(Choice(['uniform']), ListOf(ListOf(Integer(0), length=2)),
+                       what="'uniform' or a list of [student_block, teacher_block] pairs"),
+        '`uniform`: student block i with teacher block round((i+1)·L_t/L_s)−1 (a student cut from the teacher: the '
+        'blocks it kept); or explicit pairs.', 'uniform', MODEL),
+    Key('loss', Choice(HIDDEN_STATE_LOSSES), 'Per scored token: `cosine` (1 − cos), `mse` (mean over features) or '
+        '`normalized_mse` (squared error over the teacher state\'s squared norm).', 'cosine', MODEL),
+    Key('weight', Number(0, low_open=True), 'The term\'s weight in the total loss.', 1.0, MODEL),
+    Key('projection', Choice(['auto', 'linear', 'none']), '`auto`: a trainable bias-free Linear per pair when the '
+        'widths differ (none when equal); `linear`: always; `none`: the widths must be equal.', 'auto', MODEL),
+), dest=MODEL)
+
 _BETA = DIVERGENCE_ARGUMENTS['jsd']['beta']
 _LAM = DIVERGENCE_ARGUMENTS['skew_kl']['lam']
 DISTILLATION = Section('distillation', 'The loss: `alpha·CE + (1 − alpha)·T²·D(teacher‖student)`.', (
@@ -94,6 +109,7 @@ DISTILLATION = Section('distillation', 'The loss: `alpha·CE + (1 − alpha)·T�
     Key('fused_head', AnyOf(Bool(), Choice(['liger']), what='true, false or liger'), 'Apply the LM heads inside the '
         'loss, chunk by chunk: no (B, T, V) logits at all (`liger`: Liger-Kernel\'s where it computes the same).',
         False, MODEL),
+    HIDDEN_STATES,
 ), dest=MODEL)
 
 

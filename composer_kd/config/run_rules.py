@@ -147,6 +147,7 @@ def _check_model(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
             paths.folder(f'{key}.pretrained_model_name_or_path', section['pretrained_model_name_or_path'])
     distillation = dict(model.get('distillation') or {})
     distillation.pop('ensemble', None)
+    distillation.pop('hidden_states', None)  # its own rules: _check_hidden_states
     fused_head = distillation.pop('fused_head', False)
     alpha = distillation.pop('alpha', 0.5 if has_teacher(model) else 1.0)
     divergence = distillation.pop('divergence', 'forward_kl')
@@ -162,6 +163,28 @@ def _check_model(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
     if not has_teacher(model) and alpha != 1.0:
         raise ConfigError(f'model.distillation.alpha is {alpha!r} but there is no model.teacher; training without a '
                           'teacher needs alpha: 1')
+
+
+def _check_hidden_states(cfg: Mapping[str, Any]) -> None:
+    """Hidden-state distillation compares the student's blocks with one teacher model's, token by token."""
+    model = cfg['model']
+    section = (model.get('distillation') or {}).get('hidden_states')
+    if section is None:
+        return
+    if is_precomputed(cfg):
+        raise ConfigError('model.distillation.hidden_states needs the teacher model: a precomputed teacher stores its '
+                          'top-k log-probabilities, no hidden states')
+    if model.get('teachers') is not None:
+        raise ConfigError('model.distillation.hidden_states compares the student with one teacher; this run has an '
+                          'ensemble (model.teachers)')
+    if not teacher_entries(model):
+        raise ConfigError('model.distillation.hidden_states needs a teacher model (model.teacher)')
+    pairs = section.get('pairs', 'uniform')
+    if not isinstance(pairs, str) and not pairs:
+        raise ConfigError('model.distillation.hidden_states.pairs=[] pairs nothing; give [[student_block, '
+                          'teacher_block], ...] or uniform')
+    if not isinstance(pairs, str) and len({tuple(p) for p in pairs}) != len(pairs):
+        raise ConfigError(f'model.distillation.hidden_states.pairs={pairs!r} repeats a pair')
 
 
 def _check_callbacks(cfg: Mapping[str, Any]) -> None:
@@ -238,6 +261,7 @@ def check_run_rules(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ver
     check_fsdp(cfg, world_size, gpu, fsdp_version)
     check_init_devices(cfg, world_size, gpu)
     _check_model(cfg, paths)
+    _check_hidden_states(cfg)
     paths.folder('tokenizer.name', cfg['tokenizer']['name'])
     _check_callbacks(cfg)
     for loader in ('train_loader', 'eval_loader'):

@@ -25,6 +25,7 @@ from composer_kd.model.flops import forward_flops, matmul_params
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
 from composer_kd.model.head_tap import HeadTap
+from composer_kd.model.hidden_state_taps import HiddenStateDistillation
 from composer_kd.model.metrics import (
     ChunkedLanguageCrossEntropy,
     ChunkedLanguagePerplexity,
@@ -54,8 +55,9 @@ class DistillationModel(HuggingFaceModel):
 
     The teacher is frozen by construction: no gradients, always in eval mode (also after the Trainer calls
     ``train()``), run under ``no_grad`` on every rank for every batch, and left out of ``state_dict()`` so
-    checkpoints hold the student only; rebuild the teacher from its own weights when loading. Give the
-    optimizer ``model.model.parameters()`` (the student's) — ``composer-kd train`` does.
+    checkpoints hold the student only (and the hidden-state projections, if any); rebuild the teacher from its own
+    weights when loading. Give the optimizer the parameters that require a gradient — the student's and the
+    projections' — as ``composer-kd train`` does.
 
     Logits are cut to ``len(tokenizer)`` before the loss and metrics, which reconciles padded embeddings.
 
@@ -67,6 +69,10 @@ class DistillationModel(HuggingFaceModel):
     the models are split). The loss and its gradients equal the logits path. Batches on which ``KDMonitor`` or
     ``PerSampleLog`` record statistics take the logits path (they need the logits); evaluation computes its
     metrics' token sums from the heads too (``fused_token_sums``).
+
+    With ``hidden_states`` (``HiddenStateDistillation``) every training forward also keeps the outputs of the paired
+    student and teacher blocks, and the loss adds ``weight`` times their distance (``loss/train/hidden``, unweighted)
+    to ``total``; evaluation does not compute it.
 
     Args:
         student (PreTrainedModel): the causal LM to train; becomes ``self.model``.
@@ -85,11 +91,14 @@ class DistillationModel(HuggingFaceModel):
             ``(B, T, V)`` logits or gradient exist. ``'liger'``: the same through Liger-Kernel's fused linear JSD
             where it computes this objective (see ``composer_kd.losses.liger``), ours otherwise, saying why once.
             Default: ``False``.
+        hidden_states (HiddenStateDistillation, optional): hidden-state distillation against the (single) teacher
+            model. Default: ``None``.
         **divergence_kwargs: ``beta`` (jsd) or ``lam`` (skew divergences).
 
     Example:
         >>> model = DistillationModel(student, teacher, tokenizer, alpha=0.5, temperature=2.0)
-        >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.model.parameters()), ...)
+        >>> params = [p for p in model.parameters() if p.requires_grad]  # the student's (and projections')
+        >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(params), ...)
     """
 
     def __init__(self,
@@ -104,6 +113,7 @@ class DistillationModel(HuggingFaceModel):
                  ensemble: str = 'probs',
                  precomputed_teacher: bool = False,
                  fused_head: bool | str = False,
+                 hidden_states: Optional[HiddenStateDistillation] = None,
                  **divergence_kwargs: float) -> None:
         resolved_kwargs = check_distillation_args(alpha, temperature, divergence, divergence_kwargs)
         if not (isinstance(fused_head, bool) or fused_head == 'liger'):
@@ -116,6 +126,8 @@ class DistillationModel(HuggingFaceModel):
                              f'got alpha={alpha!r}')
         if not teachers and teacher_weights is not None:
             raise ValueError('teacher_weights without teachers')
+        if hidden_states is not None and len(teachers) != 1:
+            raise ValueError(f'hidden_states compares the student with one teacher model, got {len(teachers)}')
         vocab_size = shared_vocab_size(student, None, tokenizer)
         for member in teachers:
             vocab_size = min(vocab_size, shared_vocab_size(student, member, tokenizer))
@@ -129,6 +141,8 @@ class DistillationModel(HuggingFaceModel):
         # One child for all teachers: Composer makes each direct child its own FSDP root.
         self.teachers = FrozenTeachers(teachers, teacher_weights, ensemble, heads=fused_head) if teachers else None
         self._student_tap = HeadTap(student) if fused_head else None
+        # A direct child too: its projections (if any) are an FSDP root of their own, checkpointed with the student.
+        self.hidden_states = hidden_states
         self.fused_head = fused_head
         self._liger_fallback_said = False
         self.precomputed_teacher = precomputed_teacher
@@ -184,6 +198,14 @@ class DistillationModel(HuggingFaceModel):
         return logits[..., :self.vocab_size]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self.hidden_states is None or not self.model.training:
+            return self._forward(batch)
+        with self.hidden_states.capture():
+            outputs = self._forward(batch)
+        outputs['hidden_states'] = self.hidden_states.take()
+        return outputs
+
+    def _forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         inputs = {'input_ids': batch['input_ids'], 'attention_mask': batch.get('attention_mask'), 'use_cache': False}
         teacher_topk = None
         if self.precomputed_teacher:
@@ -193,7 +215,8 @@ class DistillationModel(HuggingFaceModel):
                                  '(teacher_topk_ids, ...): train on a dataset written by precompute-teacher')
         # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
         # Either way the decision is the same on every rank, which FSDP needs.
-        run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training)
+        run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training or
+                                                      self.hidden_states is not None)
         if self._fuses_this_batch():
             return self._fused_forward(batch, inputs, teacher_topk, run_teachers)
         student_logits = self.model(**inputs).logits
@@ -237,6 +260,18 @@ class DistillationModel(HuggingFaceModel):
                 'has_teacher': bool(teacher_heads) or teacher_topk is not None}
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The hybrid loss of a forward's ``outputs`` (``_logit_loss``), plus the hidden-state term when the forward
+        kept hidden states (then dropped from ``outputs``)."""
+        losses = self._logit_loss(outputs, batch)
+        captured = outputs.pop('hidden_states', None)
+        if captured is None:
+            return losses
+        hidden = self.hidden_states(*captured, batch_labels(batch))  # as a module: FSDP gathers the projections
+        # Own storage for 'hidden': Composer scales each microbatch's logged losses in place.
+        return {**losses, 'total': losses['total'] + self.hidden_states.weight * hidden,
+                'hidden': hidden.detach().clone()}
+
+    def _logit_loss(self, outputs: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The hybrid loss of a forward's ``outputs``; then drops ``outputs['teacher_logits']``.
 
         The loss takes its gradient during this call, so the teacher's ``(B, T, V)`` logits — the largest

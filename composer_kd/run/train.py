@@ -144,8 +144,9 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     eval_spec = loader('eval_loader', eval_batch) if cfg.get('eval_loader') is not None else None
 
     model = build_distillation_model(cfg['model'], tokenizer)
-    student_params = [p for p in model.model.parameters() if p.requires_grad]
-    optimizer = construct('optimizer', *_named('optimizer', cfg), student_params)
+    # The student's and the hidden-state projections' (the teachers are frozen).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = construct('optimizer', *_named('optimizer', cfg), trainable)
     schedulers = [construct('scheduler', *_named('scheduler', cfg))] if cfg.get('scheduler') else []
     algorithms = [construct('algorithms', n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
     loggers = [construct('loggers', n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
