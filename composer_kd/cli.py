@@ -1,5 +1,5 @@
 """``composer-kd`` command line: ``train``, ``rounds``, ``precompute-teacher``, ``samples``, ``prepare-data``,
-``eval``, ``export``, ``quickstart``, ``recipes``, ``make-tiny-assets`` and ``make-example-teacher``.
+``eval``, ``export``, ``prune``, ``quickstart``, ``recipes``, ``make-tiny-assets`` and ``make-example-teacher``.
 
 The CLI only parses arguments and calls library functions. A config is read and checked against its schema
 and rules (``composer_kd.config``, plain Python) before torch, Composer or transformers are imported, so a
@@ -111,6 +111,15 @@ def _export(args: argparse.Namespace) -> None:
     from composer_kd.run.export import export_student
     export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
     print(f'exported the student to {args.out_dir}')
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from composer_kd.run.prune import prune_model
+    made = prune_model(args.teacher, args.out, layers=args.layers, every=args.every, keep_first=args.keep_first,
+                       keep_last=args.keep_last, overwrite=args.overwrite)
+    print(f'{args.out}: {len(made["kept_layers"])} of the {made["source_layers"]} blocks of {made["architecture"]} '
+          f'({made["kept_layers"]}), {made["parameters"] / 1e6:.1f}M of {made["source_parameters"] / 1e6:.1f}M '
+          'parameters')
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -243,6 +252,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--trust-pickle', action='store_true', help='load a checkpoint that holds Python objects beyond '
                    'tensors and plain types (a pickle can run code: only for checkpoints you trust)')
     p.set_defaults(run=_export)
+
+    p = commands.add_parser('prune', help='write a student cut from a model: its architecture with only some of its '
+                            'blocks, their weights copied (Llama, Mistral, Qwen2, Qwen3, GPT-2); a run can do the same '
+                            'with model.student.from_teacher')
+    p.add_argument('teacher', help='the model to cut: a Hugging Face folder or Hub id')
+    p.add_argument('out', help='output folder (a Hugging Face model folder, with the teacher\'s tokenizer)')
+    blocks = p.add_mutually_exclusive_group(required=True)
+    blocks.add_argument('--layers', type=int, nargs='+', help='the blocks to keep, increasing (0-based)')
+    blocks.add_argument('--every', type=int, help='keep every k-th block: k-1, 2k-1, ...')
+    p.add_argument('--keep-first', action='store_true', help='with --every: also keep block 0')
+    p.add_argument('--keep-last', action='store_true', help='with --every: also keep the last block')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
+    p.set_defaults(run=_prune)
 
     p = commands.add_parser('recipes', help='list the recipes shipped with the package (`composer-kd train NAME` '
                             'runs one; copy the file to edit it)')

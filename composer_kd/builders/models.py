@@ -19,9 +19,11 @@ from composer_kd.config.schema import check
 from composer_kd.errors import ConfigError
 from composer_kd.model.distillation_model import DistillationModel
 from composer_kd.model.hidden_state_taps import HiddenStateDistillation
+from composer_kd.model.layer_pruning import cut_model, empty_cut_model, family_of, select_layers
 from composer_kd.model.vocab import check_same_vocabulary
 
-__all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'check_model_tokenizer']
+__all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'build_student_from_teacher',
+           'check_model_tokenizer', 'model_tokenizer']
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
 
@@ -100,7 +102,7 @@ def build_causal_lm(key: str, cfg: Mapping[str, Any]) -> PreTrainedModel:
     return model
 
 
-def _model_tokenizer(source: str, cfg: Mapping[str, Any]) -> Optional[PreTrainedTokenizerBase]:
+def model_tokenizer(source: str, cfg: Mapping[str, Any]) -> Optional[PreTrainedTokenizerBase]:
     """The tokenizer a model folder or Hub repository ships, or ``None`` when it ships none."""
     if os.path.isdir(os.path.expanduser(source)):
         if not any(os.path.isfile(os.path.join(os.path.expanduser(source), f)) for f in _TOKENIZER_FILES):
@@ -116,7 +118,7 @@ def _model_tokenizer(source: str, cfg: Mapping[str, Any]) -> Optional[PreTrained
 def check_model_tokenizer(key: str, cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuses a model (folder or Hub id) whose tokenizer maps any token to another id than the run's."""
     source = cfg.get('pretrained_model_name_or_path')
-    own = _model_tokenizer(source, cfg) if source is not None else None
+    own = model_tokenizer(source, cfg) if source is not None else None
     if own is not None:
         try:
             check_same_vocabulary(tokenizer, own, key)
@@ -136,8 +138,13 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     teachers = teacher_entries(cfg)
     for key, section in model_entries(cfg):  # cheap, so before the models load
         check_model_tokenizer(key, section, tokenizer)
-    student = build_causal_lm('model.student', cfg['student'])
-    models = [build_causal_lm(key, section) for key, section in teachers]
+    cut = cfg['student'].get('from_teacher')
+    if cut is None:
+        student = build_causal_lm('model.student', cfg['student'])
+        models = [build_causal_lm(key, section) for key, section in teachers]
+    else:  # the teacher first: the student is made from it
+        models = [build_causal_lm(key, section) for key, section in teachers]
+        student = build_student_from_teacher(cfg['student'], models[0] if models else None, tokenizer)
     try:
         taps = HiddenStateDistillation(student, models[0], **hidden_states) if hidden_states is not None else None
     except ValueError as e:
@@ -147,3 +154,37 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
                                  precomputed_teacher=precomputed, hidden_states=taps, **distillation)
     except ValueError as e:
         raise ConfigError(f'model: {e}') from e
+
+
+def build_student_from_teacher(section: Mapping[str, Any], teacher: Optional[PreTrainedModel],
+                               tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """``model.student: {from_teacher: ...}`` → the student cut from ``teacher`` (the run's) or from the checkpoint
+    ``from_teacher.pretrained_model_name_or_path`` (``model/layer_pruning.py``), in ``torch_dtype`` (default float32).
+
+    A rank that holds no weights of the source (``init_device: mixed`` on ranks > 0, the teacher's or the student's)
+    builds the cut student on ``meta`` from the cut config; FSDP gives it rank 0's weights.
+    """
+    cut = section['from_teacher']
+    key = 'model.student.from_teacher'
+    if cut.get('pretrained_model_name_or_path') is not None:
+        check_model_tokenizer(key, cut, tokenizer)
+        teacher = build_causal_lm(key, {'pretrained_model_name_or_path': cut['pretrained_model_name_or_path'],
+                                        'init_device': init_device(section)})
+    assert teacher is not None, 'config/run_rules.py refuses from_teacher without a model to cut'
+    try:
+        family = family_of(teacher.config)
+    except ValueError as e:
+        raise ConfigError(f'{key}: {e}') from e
+    name = 'layers' if cut.get('layers') is not None else 'every'
+    try:
+        layers = select_layers(getattr(teacher.config, family.depth), cut.get('layers'), cut.get('every'),
+                               bool(cut.get('keep_first')), bool(cut.get('keep_last')))
+    except ValueError as e:
+        raise ConfigError(f'{key}.{name}={cut[name]!r}: {e}') from e
+    dtype = _dtype(section.get('torch_dtype')) or torch.float32
+    if dtype == 'auto':
+        dtype = teacher.dtype
+    empty = any(p.is_meta for p in teacher.parameters()) or (init_device(section) == 'mixed' and not _is_main_rank())
+    build = empty_cut_model if empty else cut_model
+    return build(teacher.config if empty else teacher, layers, dtype, attention(section))
+

@@ -18,8 +18,9 @@ from composer_kd.errors import ConfigError
 from composer_kd.losses.settings import DIVERGENCE_ARGUMENTS, ENSEMBLE_MODES
 
 __all__ = [
-    'DISTILLATION', 'HF_MODEL_SECTION', 'HIDDEN_STATES', 'HIDDEN_STATE_LOSSES', 'INIT_DEVICES', 'MODEL_KEYS', 'REFUSED',
-    'attention', 'check_model_section', 'fsdp_settings', 'hub_kwargs', 'init_device', 'loads_weights', 'model_section'
+    'DISTILLATION', 'FROM_TEACHER', 'HF_MODEL_SECTION', 'HIDDEN_STATES', 'HIDDEN_STATE_LOSSES', 'INIT_DEVICES',
+    'MODEL_KEYS', 'REFUSED', 'attention', 'check_model_section', 'fsdp_settings', 'hub_kwargs', 'init_device',
+    'loads_weights', 'model_section'
 ]
 
 INIT_DEVICES = ('cpu', 'meta', 'mixed')
@@ -79,6 +80,22 @@ def model_section(name: str, help: str, *extra: Any, required: bool = False) -> 
 HF_MODEL_SECTION = model_section('model', 'A Hugging Face causal LM (LLM Foundry\'s hf_causal_lm block).')
 
 
+# A student cut from the teacher (model/layer_pruning.py); docs/pruned-students.md.
+FROM_TEACHER = Section('from_teacher', 'Cut the student from the teacher: the teacher\'s architecture with only some of '
+                       'its blocks, their weights copied (a Llama, Mistral, Qwen2, Qwen3 or GPT-2 model).', (
+    Key('layers', ListOf(Integer(0), what='a list of block indices'), 'The teacher blocks to keep, increasing (give '
+        'this or `every`).', dest=MODEL),
+    Key('every', Integer(1), 'Keep every k-th block: k−1, 2k−1, … (give this or `layers`).', dest=MODEL),
+    Key('keep_first', Bool(), 'With `every`: also keep block 0.', False, MODEL),
+    Key('keep_last', Bool(), 'With `every`: also keep the last block.', False, MODEL),
+    Key('pretrained_model_name_or_path', Text(what='a folder or a Hugging Face model id'), 'Cut this checkpoint '
+        'instead of the run\'s teacher (needed with an ensemble).', dest=MODEL),
+), dest=MODEL)
+# The keys a from_teacher student may have besides: what the cut model is built with, not what it is.
+_FROM_TEACHER_WITH = ('from_teacher', 'name', 'init_device', 'torch_dtype', 'attn_implementation',
+                      'use_flash_attention_2')
+
+
 # composer_kd.losses.hidden_states.HIDDEN_STATE_LOSSES (tests/test_hidden_states.py checks they agree).
 HIDDEN_STATE_LOSSES = ('cosine', 'mse', 'normalized_mse')
 HIDDEN_STATES = Section('hidden_states', 'Also distil intermediate hidden states: `weight` times their distance is '
@@ -124,7 +141,9 @@ def check_model_section(key: str, section: Mapping[str, Any]) -> None:
         if name in section and not any(section[name] == v and type(section[name]) is type(v) for v in same):
             raise ConfigError(f'{key}.{name}={section[name]!r} is not supported: {reason}')
     source, config = section.get('pretrained_model_name_or_path'), section.get('config')
-    if (source is None) == (config is None):
+    if section.get('from_teacher') is not None:
+        _check_from_teacher(key, section)
+    elif (source is None) == (config is None):
         raise ConfigError(f'{key}: give exactly one of pretrained_model_name_or_path (a saved model) or config '
                           '(a from-scratch model)')
     if config is not None and (not isinstance(config, Mapping) or 'model_type' not in config):
@@ -140,6 +159,26 @@ def check_model_section(key: str, section: Mapping[str, Any]) -> None:
     if init_device(section) == 'meta' and loads_weights(section):
         raise ConfigError(f'{key}.init_device: meta builds empty weights, so it needs pretrained: false (or config); '
                           'init_device: mixed loads pretrained weights on rank 0 only')
+
+
+def _check_from_teacher(key: str, section: Mapping[str, Any]) -> None:
+    """A student cut from the teacher takes its architecture and weights from it: nothing else may say what it is;
+    the blocks are given once (range: at build time, when the teacher's depth is known)."""
+    others = [name for name, value in section.items() if value is not None and name not in _FROM_TEACHER_WITH]
+    if others:
+        raise ConfigError(f'{key}.{others[0]}: a student cut from the teacher (from_teacher) takes its architecture '
+                          f'and weights from it; besides from_teacher give only {list(_FROM_TEACHER_WITH[2:])}')
+    cut, where = section['from_teacher'], f'{key}.from_teacher'
+    layers = cut.get('layers')
+    if (layers is None) == (cut.get('every') is None):
+        raise ConfigError(f'{where}: give layers (the blocks to keep) or every (every k-th block), not both or neither')
+    if layers is not None and (cut.get('keep_first') or cut.get('keep_last')):
+        raise ConfigError(f'{where}: keep_first / keep_last go with every; list the blocks in layers instead')
+    if layers is not None and (not layers or any(b <= a for a, b in zip(layers, layers[1:]))):
+        raise ConfigError(f'{where}.layers={layers!r} must be a non-empty increasing list without repeats')
+    if init_device(section) == 'meta':
+        raise ConfigError(f'{key}.init_device: meta builds empty weights; a student cut from the teacher copies its '
+                          'weights (init_device: mixed cuts on rank 0 only)')
 
 
 def loads_weights(section: Mapping[str, Any]) -> bool:

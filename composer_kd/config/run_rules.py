@@ -165,6 +165,25 @@ def _check_model(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
                           'teacher needs alpha: 1')
 
 
+def _check_student_from_teacher(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
+    """A student cut from the teacher needs a teacher model to cut — the run's single teacher, or a checkpoint named in
+    ``from_teacher`` (the blocks' range is checked when the model is built, its depth known then)."""
+    model = cfg['model']
+    cut = model['student'].get('from_teacher')
+    if cut is None:
+        return
+    source = cut.get('pretrained_model_name_or_path')
+    if source is not None:
+        paths.folder('model.student.from_teacher.pretrained_model_name_or_path', source)
+    elif model.get('teachers') is not None:
+        raise ConfigError('model.student.from_teacher: this run has an ensemble (model.teachers); name the model to '
+                          'cut in model.student.from_teacher.pretrained_model_name_or_path')
+    elif not teacher_entries(model):
+        raise ConfigError('model.student.from_teacher needs a teacher model to cut (model.teacher with a model; a '
+                          'precomputed teacher has no weights here), or a checkpoint in '
+                          'model.student.from_teacher.pretrained_model_name_or_path')
+
+
 def _check_hidden_states(cfg: Mapping[str, Any]) -> None:
     """Hidden-state distillation compares the student's blocks with one teacher model's, token by token."""
     model = cfg['model']
@@ -261,6 +280,7 @@ def check_run_rules(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ver
     check_fsdp(cfg, world_size, gpu, fsdp_version)
     check_init_devices(cfg, world_size, gpu)
     _check_model(cfg, paths)
+    _check_student_from_teacher(cfg, paths)
     _check_hidden_states(cfg)
     paths.folder('tokenizer.name', cfg['tokenizer']['name'])
     _check_callbacks(cfg)

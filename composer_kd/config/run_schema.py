@@ -6,7 +6,7 @@ such a key here is all it takes to validate it, pass it on and document it.
 """
 
 from composer_kd.config.kinds import AnyOf, Anything, Bool, Choice, Integer, Number, Size, Text, Time
-from composer_kd.config.model_schema import DISTILLATION, model_section
+from composer_kd.config.model_schema import DISTILLATION, FROM_TEACHER, model_section
 from composer_kd.config.schema import DATASET, FSDP, LOADER, MODEL, RUN, TRAINER, Free, Key, Registry, Section, \
     SectionList
 
@@ -98,7 +98,8 @@ RUN_SCHEMA = Section('', 'A run config.', (
         'and the Trainer.', 17),
     Key('max_seq_len', Integer(1), 'Tokens per sample: the loaders\' default.'),
     Section('model', 'The student, the teacher(s) and the loss.', (
-        model_section('student', 'The model that learns (Foundry\'s hf_causal_lm block).', required=True),
+        model_section('student', 'The model that learns (Foundry\'s hf_causal_lm block).', FROM_TEACHER,
+                      required=True),
         model_section('teacher', _TEACHER_HELP, Key('precomputed', Choice([True], what='true (leave it out for a '
                                                                          'teacher model)'),
                                                     'The teacher is precomputed data, not a model.', dest=MODEL)),
