@@ -19,9 +19,12 @@ _EXPORTS = {
     'ensemble_teacher_logits': 'composer_kd.losses.ensemble',
     'LinearHead': 'composer_kd.losses.fused',
     'fused_distillation_loss': 'composer_kd.losses.fused',
+    'hidden_state_loss': 'composer_kd.losses.hidden_states',
     'TopKTeacher': 'composer_kd.losses.topk',
     'topk_distillation_loss': 'composer_kd.losses.topk',
     'DistillationModel': 'composer_kd.model.distillation_model',
+    'HiddenStateDistillation': 'composer_kd.model.hidden_state_taps',
+    'cut_model': 'composer_kd.model.layer_pruning',
     'TeacherDivergenceLoss': 'composer_kd.model.metrics',
     'TeacherTop1Agreement': 'composer_kd.model.metrics',
 }
@@ -36,9 +39,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from composer_kd.losses.ensemble import ensemble_teacher_logits as ensemble_teacher_logits
     from composer_kd.losses.fused import LinearHead as LinearHead
     from composer_kd.losses.fused import fused_distillation_loss as fused_distillation_loss
+    from composer_kd.losses.hidden_states import hidden_state_loss as hidden_state_loss
     from composer_kd.losses.topk import TopKTeacher as TopKTeacher
     from composer_kd.losses.topk import topk_distillation_loss as topk_distillation_loss
     from composer_kd.model.distillation_model import DistillationModel as DistillationModel
+    from composer_kd.model.hidden_state_taps import HiddenStateDistillation as HiddenStateDistillation
+    from composer_kd.model.layer_pruning import cut_model as cut_model
     from composer_kd.model.metrics import TeacherDivergenceLoss as TeacherDivergenceLoss
     from composer_kd.model.metrics import TeacherTop1Agreement as TeacherTop1Agreement
 

@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / 'notebooks').glob('*.ipynb'))
 EXPORTS = {'quickstart.ipynb': 'student', 'offline_teacher.ipynb': 'offline_student',
-           'ensembles_and_rounds.ipynb': 'ensemble_student'}  # what each one exports
+           'ensembles_and_rounds.ipynb': 'ensemble_student', 'pruned_students.ipynb': 'pruned_student'}  # exports
 
 
 def test_every_notebook_is_checked() -> None:
