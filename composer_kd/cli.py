@@ -75,6 +75,11 @@ def _precompute_teacher(args: argparse.Namespace) -> None:
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
+    if args.prompts:
+        _prepare_prompts(args)
+        return
+    if args.max_seq_len is None:
+        raise ConfigError('--max-seq-len is required (tokens per sample); --prompts makes a prompt dataset instead')
     from composer_kd.data.prepare import prepare_data
     summary = prepare_data(args.input,
                  tokenizer=args.tokenizer,
@@ -91,6 +96,18 @@ def _prepare_data(args: argparse.Namespace) -> None:
                  remote=args.remote)
     for split, counts in summary.items():
         print(f"{split}: {counts['samples']} samples, {counts['tokens']} tokens from {counts['documents']} documents")
+
+
+def _prepare_prompts(args: argparse.Namespace) -> None:
+    if args.max_prompt_len is None:
+        raise ConfigError('--prompts needs --max-prompt-len (tokens a prompt may have)')
+    from composer_kd.data.prompts import prepare_prompts
+    summary = prepare_prompts(args.input, args.tokenizer, args.out, args.max_prompt_len, args.max_response_len,
+                              args.overflow, args.val_fraction, args.overwrite)
+    for split in ('train', 'val'):
+        print(f"{split}: {summary[split]['prompts']} prompts, {summary[split]['with_response']} with a response")
+    print(f"cut: {summary['cut_prompts']} prompts, {summary['cut_responses']} responses; prompt width "
+          f"{summary['prompt_width']} tokens")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -207,7 +224,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--input', nargs='+', required=True, help='files or folders (searched recursively)')
     p.add_argument('--tokenizer', required=True, help='Hugging Face tokenizer folder or id')
     p.add_argument('--out', required=True, help='output folder; gets train/ and val/')
-    p.add_argument('--max-seq-len', type=int, required=True, help='tokens per sample')
+    p.add_argument('--max-seq-len', type=int, default=None, help='tokens per sample (required for token data)')
+    p.add_argument('--prompts', action='store_true', help='make a prompt dataset for on-policy distillation from '
+                   '.jsonl records {"prompt", "response"?} or {"messages"} (rendered with the chat template)')
+    p.add_argument('--max-prompt-len', type=int, default=None, help='with --prompts: tokens a prompt may have')
+    p.add_argument('--max-response-len', type=int, default=None, help='with --prompts: tokens a response may have '
+                   '(default: any)')
+    p.add_argument('--overflow', choices=('refuse', 'cut'), default='refuse', help='with --prompts: a longer prompt '
+                   'or response stops the run naming its line (refuse), or is cut and counted (cut: a prompt keeps '
+                   'its last tokens, a response its first)')
     p.add_argument('--val-fraction', type=float, default=0.05, help='share of documents for val (default 0.05)')
     p.add_argument('--extensions', nargs='+', default=['.txt', '.jsonl', '.jsonl.gz'], help='file endings read from '
                    'folders (default .txt .jsonl .jsonl.gz)')

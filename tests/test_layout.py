@@ -14,11 +14,11 @@ LAYERS = {
     'config': 2,
     'data': 3,
     'model': 4,
-    'callbacks': 4,
-    'builders': 5,
-    'run': 6,
-    'quickstart': 7,
-    'cli': 8,
+    'callbacks': 5,  # callbacks drive the model (sampling continuations with it, reading its sums)
+    'builders': 6,
+    'run': 7,
+    'quickstart': 8,
+    'cli': 9,
 }
 
 

@@ -130,6 +130,7 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
     """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher or ``teachers`` ensemble,
     loss settings); a precomputed teacher (``teacher: {precomputed: true}``) loads no teacher model."""
     distillation = dict(cfg.get('distillation') or {})
+    distillation.pop('on_policy', None)  # a callback's settings (callbacks/on_policy.py), not the loss's
     precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
     if not has_teacher(cfg):
         distillation.setdefault('alpha', 1.0)

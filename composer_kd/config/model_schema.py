@@ -127,6 +127,30 @@ DISTILLATION = Section('distillation', 'The loss: `alpha·CE + (1 − alpha)·T�
         'loss, chunk by chunk: no (B, T, V) logits at all (`liger`: Liger-Kernel\'s where it computes the same).',
         False, MODEL),
     HIDDEN_STATES,
+    Section('on_policy', 'On-policy distillation (GKD): the student samples continuations of the prompts '
+            '(`train_loader.name: prompts`) and the teacher grades every sampled token.', (
+                Key('fraction', Number(0, 1), 'Share of steps on the student\'s own samples (GKD\'s lambda); the '
+                    'same draw on every process.', 1.0, MODEL),
+                Key('source_of_rest', Choice(['dataset', 'teacher']), 'The other steps\' continuations: the '
+                    'dataset\'s responses (supervised KD) or the teacher\'s samples (sequence-level KD).', 'dataset',
+                    MODEL),
+                Key('max_new_tokens', Integer(1), 'The generation budget; a longer continuation is cut there '
+                    '(counted as truncated).', 256, MODEL),
+                Key('temperature', Number(0, low_open=True), 'Sampling temperature; must equal '
+                    '`model.distillation.temperature` unless `allow_temperature_mismatch`.', None, MODEL),
+                Key('allow_temperature_mismatch', Bool(), 'Sample at another temperature than the loss\'s (the '
+                    'mismatch is logged).', False, MODEL),
+                Key('top_k', Integer(0), 'Sample among the k most likely tokens only (0: all); the loss stays over '
+                    'the full distribution, so this is a warned choice.', 0, MODEL),
+                Key('top_p', Number(0, 1, low_open=True), 'Nucleus sampling (1: all); warned, as top_k.', 1.0, MODEL),
+                Key('generate_batch_size', Integer(1), 'Prompts per generate call (default: the device batch).',
+                    dest=MODEL),
+                Key('eos_token_ids', AnyOf(Integer(0), ListOf(Integer(0)), what='a token id or a list of them'),
+                    'Ids that end a continuation (default: the tokenizer\'s EOS and the student\'s generation '
+                    'config\'s).', dest=MODEL),
+                Key('sample_log', Text(what='a folder'), 'Each process appends its steps\' continuations there as '
+                    'JSON lines (step, sample id, policy, token ids).', dest=MODEL),
+            ), dest=MODEL),
 ), dest=MODEL)
 
 

@@ -15,7 +15,7 @@ from composer_kd.losses.settings import check_distillation_args, check_ensemble_
 
 __all__ = [
     'BatchSizes', 'METRIC_DIRECTIONS', 'check_fsdp', 'check_init_devices', 'check_precision', 'check_run_rules',
-    'ensemble_mode', 'ensemble_weights',
+    'ensemble_mode', 'ensemble_weights', 'on_policy',
     'eval_metric_names', 'has_teacher', 'is_precomputed', 'loader_max_seq_len', 'model_entries', 'run_precision',
     'teacher_entries'
 ]
@@ -147,6 +147,7 @@ def _check_model(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
             paths.folder(f'{key}.pretrained_model_name_or_path', section['pretrained_model_name_or_path'])
     distillation = dict(model.get('distillation') or {})
     distillation.pop('ensemble', None)
+    distillation.pop('on_policy', None)  # its own rules: _check_on_policy
     distillation.pop('hidden_states', None)  # its own rules: _check_hidden_states
     fused_head = distillation.pop('fused_head', False)
     alpha = distillation.pop('alpha', 0.5 if has_teacher(model) else 1.0)
@@ -163,6 +164,48 @@ def _check_model(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
     if not has_teacher(model) and alpha != 1.0:
         raise ConfigError(f'model.distillation.alpha is {alpha!r} but there is no model.teacher; training without a '
                           'teacher needs alpha: 1')
+
+
+def on_policy(cfg: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """``model.distillation.on_policy`` of a run config, with its defaults filled in (None when it is off); the
+    sampling temperature defaults to the loss's."""
+    distillation = cfg['model'].get('distillation') or {}
+    section = distillation.get('on_policy')
+    if section is None:
+        return None
+    settings = {'fraction': 1.0, 'source_of_rest': 'dataset', 'max_new_tokens': 256, 'top_k': 0, 'top_p': 1.0,
+                'allow_temperature_mismatch': False, 'generate_batch_size': None, 'eos_token_ids': None,
+                'sample_log': None, **section}
+    if settings.get('temperature') is None:
+        settings['temperature'] = distillation.get('temperature', 1.0)
+    return settings
+
+
+def _check_on_policy(cfg: Mapping[str, Any]) -> None:
+    """On-policy distillation trains on prompts, samples with the loss's temperature unless told otherwise, and needs
+    a teacher model (a single one to sample from it); a prompt loader needs on-policy distillation."""
+    settings, model = on_policy(cfg), cfg['model']
+    for loader in ('train_loader', 'eval_loader'):
+        if cfg.get(loader) is not None and cfg[loader].get('name') == 'prompts' and settings is None:
+            raise ConfigError(f'{loader}.name: prompts: prompt data is for on-policy distillation; set '
+                              'model.distillation.on_policy (or use a token dataset: name: text)')
+    if settings is None:
+        return
+    if cfg['train_loader'].get('name') != 'prompts':
+        raise ConfigError('model.distillation.on_policy trains on prompts: set train_loader.name: prompts (a dataset '
+                          'from `composer-kd prepare-data --prompts`)')
+    if not teacher_entries(model):
+        raise ConfigError('model.distillation.on_policy needs a teacher model to grade the samples (model.teacher '
+                          'with a model; a precomputed teacher has no scores for new text)')
+    if settings['fraction'] < 1.0 and settings['source_of_rest'] == 'teacher' and model.get('teachers') is not None:
+        raise ConfigError('model.distillation.on_policy.source_of_rest: teacher samples from one teacher; this run '
+                          'has an ensemble (use source_of_rest: dataset)')
+    loss_temperature = (model.get('distillation') or {}).get('temperature', 1.0)
+    if settings['temperature'] != loss_temperature and not settings['allow_temperature_mismatch']:
+        raise ConfigError(f'model.distillation.on_policy.temperature={settings["temperature"]!r} differs from '
+                          f'model.distillation.temperature={loss_temperature!r}: the student would be trained on '
+                          'samples from another distribution than the one the loss compares; set '
+                          'allow_temperature_mismatch: true if that is what you want')
 
 
 def _check_student_from_teacher(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
@@ -248,7 +291,8 @@ def _check_loader(cfg: Mapping[str, Any], loader: str, paths: LocalPaths) -> Non
         raise ConfigError(f'{loader}.prefetch_factor needs {loader}.num_workers > 0 (it is 0)')
     if section.get('persistent_workers') and workers == 0:
         raise ConfigError(f'{loader}.persistent_workers: true needs {loader}.num_workers > 0 (it is 0)')
-    loader_max_seq_len(cfg, loader)
+    if section.get('name') != 'prompts':  # a prompt's length is its own; the generation budget bounds the rest
+        loader_max_seq_len(cfg, loader)
     dataset = section['dataset']
     if dataset.get('remote') is None:
         local, split = dataset.get('local'), dataset.get('split')
@@ -279,6 +323,7 @@ def check_run_rules(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ver
     sizes = _batch_sizes(cfg, world_size, gpu)
     check_fsdp(cfg, world_size, gpu, fsdp_version)
     check_init_devices(cfg, world_size, gpu)
+    _check_on_policy(cfg)
     _check_model(cfg, paths)
     _check_student_from_teacher(cfg, paths)
     _check_hidden_states(cfg)

@@ -66,8 +66,10 @@ def _loader(name: str, required: bool) -> Section:
     return Section(name, f'The {"training" if name == "train_loader" else "evaluation"} data: MDS shards with a '
                    '`tokens` column (`composer-kd prepare-data`, or LLM Foundry\'s converters with --concat_tokens).',
                    (
-                       Key('name', Choice(['text', 'tokens'], what="'text' (MDS token data) or left out"),
-                           'Foundry\'s loader name; MDS token data only.', 'text', LOADER),
+                       Key('name', Choice(['text', 'tokens', 'prompts'], what="'text' (MDS token data), 'prompts' "
+                                          "(on-policy distillation) or left out"),
+                           '`text`: MDS token data (Foundry\'s name); `prompts`: a prompt dataset for on-policy '
+                           'distillation.', 'text', LOADER),
                        Section('dataset', 'The StreamingDataset.', DATASET_KEYS, required=True, dest=DATASET),
                        Key('drop_last', Bool(), 'Drop the last incomplete batch.', True, LOADER),
                        Key('num_workers', Integer(0), 'DataLoader worker processes.', 0, LOADER),

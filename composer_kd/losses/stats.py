@@ -19,7 +19,7 @@ from composer_kd.losses.chunked import default_chunk_elements
 from composer_kd.losses.dense import distillation_loss
 from composer_kd.losses.topk import TopKTeacher, topk_distillation_loss
 
-__all__ = ['STAT_NAMES', 'distillation_stat_sums', 'per_sample_losses']
+__all__ = ['STAT_NAMES', 'distillation_stat_sums', 'per_sample_losses', 'rollout_stat_sums']
 
 STAT_NAMES = ('student_entropy', 'teacher_entropy', 'top1_agreement')
 
@@ -125,3 +125,45 @@ def per_sample_losses(student_logits: torch.Tensor,
             agree = (student[i].argmax(-1) == teacher_top1)[scored]
             out['top1_agreement'][i] = agree.double().mean() if agree.numel() else math.nan
     return out
+
+
+@torch.no_grad()
+def rollout_stat_sums(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                      sampler_logprobs: torch.Tensor, sampler_temperature: float, temperature: float,
+                      ignore_index: int = -100, chunk_elements: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Sums over the scored (sampled) tokens of a rollout batch: the teacher's log-probability of each sampled token
+    at the distillation ``temperature``, and the gap between the log-probability the sampler drew it with and the
+    training forward's at ``sampler_temperature`` (signed and absolute), plus ``tokens``.
+
+    Args:
+        student_logits (Tensor): ``(B, T, V)`` of the training forward. teacher_logits (Tensor, optional): ``(B, T,
+            V)`` (dense or an ensemble's; None: no teacher sums).
+        labels (Tensor): ``(B, T)``, the sampled tokens scored (shifted as in the loss).
+        sampler_logprobs (Tensor): ``(B, T)`` the sampler's log-probability of the token at each position.
+        sampler_temperature (float): the temperature the tokens were sampled at. temperature (float): the loss's.
+
+    Returns:
+        dict[str, Tensor]: float64 scalars ``tokens``, ``sampler_gap``, ``sampler_abs_gap`` and, with a teacher,
+        ``teacher_logprob``.
+    """
+    mask = scored_positions(labels, ignore_index, True).flatten()
+    vocab = student_logits.shape[-1]
+    targets = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).flatten().clamp(min=0)  # the next token
+    sampled = torch.cat([sampler_logprobs[:, 1:], sampler_logprobs[:, :1]], dim=1).flatten()
+    rows = student_logits.reshape(-1, vocab)
+    dense = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=rows.device)
+            for name in ('sampler_gap', 'sampler_abs_gap', *(('teacher_logprob',) if dense is not None else ()))}
+    sums['tokens'] = mask.sum(dtype=torch.float64)
+    chunk = max(1, (chunk_elements or default_chunk_elements(rows.device)) // vocab)
+    for start in range(0, rows.shape[0], chunk):
+        keep = mask[start:start + chunk]
+        target = targets[start:start + chunk][keep][:, None]
+        log_q = F.log_softmax(rows[start:start + chunk][keep].float() / sampler_temperature, dim=-1)
+        gap = (sampled[start:start + chunk][keep].double() - log_q.gather(1, target).squeeze(1).double())
+        sums['sampler_gap'] += gap.sum()
+        sums['sampler_abs_gap'] += gap.abs().sum()
+        if dense is not None:
+            log_p = F.log_softmax(dense[start:start + chunk][keep].float() / temperature, dim=-1)
+            sums['teacher_logprob'] += log_p.gather(1, target).sum(dtype=torch.float64)
+    return sums

@@ -20,7 +20,7 @@ from composer_kd.losses import (
 from composer_kd.losses.fused import LinearHead, fused_distillation_loss
 from composer_kd.losses.fused_stats import fused_token_sums
 from composer_kd.losses.liger import liger_distillation_loss, liger_refusal
-from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses
+from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses, rollout_stat_sums
 from composer_kd.model.flops import forward_flops, matmul_params
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
@@ -155,6 +155,8 @@ class DistillationModel(HuggingFaceModel):
         self.stat_sums: Optional[dict[str, torch.Tensor]] = None
         # A list while ``PerSampleLog`` records the current batch: each microbatch's loss appends its samples.
         self.sample_records: Optional[list[dict[str, torch.Tensor]]] = None
+        # A dict while ``OnPolicyDistillation`` trains on sampled continuations: the logits path adds their sums.
+        self.rollout_sums: Optional[dict[str, torch.Tensor]] = None
         prepare_for_fsdp(student, frozen=False)
         # Sized now: once FSDP shards the models a rank holds only its share.
         self._flops_shapes = [(matmul_params(m), m.config.num_hidden_layers, m.config.hidden_size)
@@ -166,6 +168,15 @@ class DistillationModel(HuggingFaceModel):
         batch_size, seq_len = batch['input_ids'].shape[:2]
         (student, *teachers) = [forward_flops(*shape, batch_size, seq_len) for shape in self._flops_shapes]
         return 3 * student + sum(teachers)
+
+    def member_forward_flops(self, member: int, batch_size: int, seq_len: int) -> int:
+        """FLOPs of one forward of the student (``member`` 0) or of teacher ``member`` over a batch (``model/flops.py``;
+        ``OnPolicyDistillation`` reports its generation's cost with it)."""
+        return forward_flops(*self._flops_shapes[member], batch_size, seq_len)
+
+    def _alpha(self, batch: Mapping[str, Any]) -> float:
+        """The CE weight of a batch: 0 on the student's own samples (``OnPolicyDistillation``), else ``alpha``."""
+        return 0.0 if batch.get('on_policy') else self.alpha
 
     def set_loss_settings(self, alpha: Optional[float] = None, temperature: Optional[float] = None) -> None:
         """Changes alpha and/or the temperature of the loss (and of ``TeacherDivergenceLoss``) from the next
@@ -215,7 +226,7 @@ class DistillationModel(HuggingFaceModel):
                                  '(teacher_topk_ids, ...): train on a dataset written by precompute-teacher')
         # With alpha=1 the training loss ignores the teacher; eval always runs it (for the teacher metrics).
         # Either way the decision is the same on every rank, which FSDP needs.
-        run_teachers = self.teachers is not None and (self.alpha < 1.0 or not self.model.training or
+        run_teachers = self.teachers is not None and (self._alpha(batch) < 1.0 or not self.model.training or
                                                       self.hidden_states is not None)
         if self._fuses_this_batch():
             return self._fused_forward(batch, inputs, teacher_topk, run_teachers)
@@ -236,7 +247,7 @@ class DistillationModel(HuggingFaceModel):
         metrics' token sums ``(1, 1, 4)`` (CE, divergence, top-1 agreement, tokens)."""
         assert self._student_tap is not None
         teacher_heads = self.teachers(inputs, self.vocab_size, self.temperature, heads=True) if run_teachers else []
-        labels, training = batch_labels(batch), self.model.training
+        labels, training, alpha = batch_labels(batch), self.model.training, self._alpha(batch)
         settings = {'temperature': self.temperature, 'divergence': self.divergence, **self.divergence_kwargs}
         teacher = {'teachers': teacher_heads, 'teacher_topk': teacher_topk, 'vocab_size': self.vocab_size}
         if teacher_heads:
@@ -248,9 +259,9 @@ class DistillationModel(HuggingFaceModel):
                 return torch.stack([sums['ce'], sums['kd'], sums['top1'], sums['tokens'].double()]).view(1, 1, 4)
             if self._liger_qualifies(student, teacher_heads, teacher_topk, labels):
                 losses = liger_distillation_loss(student, teacher_heads[0], labels, vocab_size=self.vocab_size,
-                                                 alpha=self.alpha, **settings)
+                                                 alpha=alpha, **settings)
             else:
-                losses = fused_distillation_loss(student, labels, alpha=self.alpha, **teacher, **settings)
+                losses = fused_distillation_loss(student, labels, alpha=alpha, **teacher, **settings)
             return torch.stack([losses['total'], losses['ce'], losses['kd']]).view(1, 1, 3)
 
         with self._student_tap.replace(on_head):
@@ -286,12 +297,17 @@ class DistillationModel(HuggingFaceModel):
         topk: Optional[TopKTeacher] = outputs.get('teacher_topk')
         teacher = topk if topk is not None else self._cut(outputs['teacher_logits'])
         if topk is not None:
-            losses = topk_distillation_loss(student, topk.ids, topk.logprobs, labels, alpha=self.alpha,
+            losses = topk_distillation_loss(student, topk.ids, topk.logprobs, labels, alpha=self._alpha(batch),
                                             teacher_rest_logprob=topk.rest_logprob, **settings)
         else:
-            losses = distillation_loss(student, teacher, labels, alpha=self.alpha, **settings)
+            losses = distillation_loss(student, teacher, labels, alpha=self._alpha(batch), **settings)
         if self.stat_sums is not None and self.model.training:
             self._add_stats(student, teacher, labels, losses)
+        if self.rollout_sums is not None and self.model.training and batch.get('sampler_logprobs') is not None:
+            sums = rollout_stat_sums(student, teacher if isinstance(teacher, torch.Tensor) else None, labels,
+                                     batch['sampler_logprobs'], batch['sampler_temperature'], self.temperature)
+            for name, value in sums.items():
+                self.rollout_sums[name] = self.rollout_sums.get(name, 0.0) + value
         if self.sample_records is not None and self.model.training:
             self._add_samples(student, teacher, labels, batch, settings)
         outputs['teacher_logits'] = None

@@ -13,8 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from composer_kd.data.prepare import prepare_data
+from composer_kd.data.prompts import prepare_prompts
 from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
+from composer_kd.quickstart.code_prompts import write_function_prompts
 
 __all__ = ['train_bpe_tokenizer', 'save_gpt2', 'stdlib_files', 'make_tiny_assets']
 
@@ -64,12 +66,13 @@ def save_gpt2(out_dir: str, vocab_size: int, n_layer: int, n_embd: int, n_head: 
 
 
 _PARTS = ('tokenizer/tokenizer.json', 'teacher/config.json', 'teacher_b/config.json', 'student/config.json',
-          'data/train/index.json', 'data/val/index.json')
+          'data/train/index.json', 'data/val/index.json', 'prompts/prompts.json')
 
 
 def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) -> str:
-    """Writes ``tokenizer/``, ``teacher/``, ``teacher_b/`` (a second teacher, for ensembles), ``student/`` and
-    ``data/{train,val}`` under ``out``.
+    """Writes ``tokenizer/``, ``teacher/``, ``teacher_b/`` (a second teacher, for ensembles), ``student/``,
+    ``data/{train,val}`` and ``prompts/{train,val}`` (function signatures and their bodies' first lines, for
+    on-policy distillation) under ``out``.
 
     A complete ``out`` is kept as it is (so the command can be rerun); an incomplete one is refused unless
     ``overwrite``. The teacher's embeddings are padded to a multiple of 64 rows, like real checkpoints, so the
@@ -90,4 +93,9 @@ def make_tiny_assets(out: str, overwrite: bool = False, max_seq_len: int = 128) 
         save_gpt2(os.path.join(staging, 'student'), vocab, 1, 32, 2, max_seq_len, seed=2)
         prepare_data(files, os.path.join(staging, 'tokenizer'), os.path.join(staging, 'data'), max_seq_len,
                      val_fraction=0.1)
+        records = os.path.join(staging, 'prompts.jsonl')
+        write_function_prompts(files, records, body_lines=3, limit=600)
+        prepare_prompts([records], tokenizer, os.path.join(staging, 'prompts'), max_prompt_len=max_seq_len // 4,
+                        max_response_len=max_seq_len // 4, overflow='cut', val_fraction=0.1)
+        os.remove(records)
     return out

@@ -15,6 +15,7 @@ from composer.utils import dist, format_name_with_dist, get_device, reproducibil
 
 from composer_kd.builders.models import build_distillation_model, build_tokenizer
 from composer_kd.builders.objects import check_registered_objects, construct
+from composer_kd.builders.on_policy import build_on_policy, check_student_fits, prompt_dataloader
 from composer_kd.builders.teacher_data import check_precomputed_data, check_precomputed_tokenizer, \
     distillation_temperature
 from composer_kd.callbacks import NonFiniteGuard, ReleaseStreamingMemory, StopOnSigterm
@@ -134,7 +135,11 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     # A precomputed teacher's batches carry its rest mass at the distillation temperature (checked: recorded).
     teacher_temperature = distillation_temperature(cfg) if precomputed else 1.0
 
+    rollout = build_on_policy(cfg, tokenizer, pad_token_id)
+
     def loader(section: str, batch_size: int) -> Any:
+        if cfg[section].get('name') == 'prompts':
+            return prompt_dataloader(cfg, section, batch_size, pad_token_id, len(tokenizer), rollout)
         loader_cfg = {k: v for k, v in cfg[section].items() if k != 'name'}
         dataset = {**loader_cfg.pop('dataset'), 'max_seq_len': loader_max_seq_len(cfg, section)}
         return build_token_dataloader(dataset, batch_size, pad_token_id, teacher_temperature=teacher_temperature,
@@ -144,6 +149,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     eval_spec = loader('eval_loader', eval_batch) if cfg.get('eval_loader') is not None else None
 
     model = build_distillation_model(cfg['model'], tokenizer)
+    if rollout is not None:
+        check_student_fits(cfg, rollout, model.model)
     # The student's and the hidden-state projections' (the teachers are frozen).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = construct('optimizer', *_named('optimizer', cfg), trainable)
@@ -151,7 +158,7 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     algorithms = [construct('algorithms', n, kw) for n, kw in (cfg.get('algorithms') or {}).items()]
     loggers = [construct('loggers', n, kw) for n, kw in (cfg.get('loggers') or {}).items()]
     callbacks = [*_callbacks(cfg), NonFiniteGuard(cfg.get('on_nonfinite', 'raise')), StopOnSigterm(),
-                 ReleaseStreamingMemory()]
+                 ReleaseStreamingMemory(), *([rollout] if rollout is not None else [])]
     metric_names = list(model.get_metrics(is_train=False))
     if precomputed and eval_teacher is None:  # eval data without the teacher: its metrics cannot be computed
         metric_names = [name for name in metric_names if not name.startswith('Teacher')]
