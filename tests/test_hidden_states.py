@@ -154,28 +154,35 @@ def test_the_models_term_uses_the_paired_blocks_and_their_projections() -> None:
 
 
 def test_the_taps_see_through_activation_checkpointing() -> None:
-    """Composer checkpoints the student's blocks after the model is built; the kept state must be the one autograd
-    differentiates (a hook inside a reentrant checkpoint would keep a state without a gradient)."""
+    """Composer checkpoints the student's blocks after the model is built (a wrapper at each block's place), Hugging
+    Face's ``gradient_checkpointing_enable`` inside each block's call: either way the kept state must be the one
+    autograd differentiates (a reentrant checkpoint runs the block without gradients; its output gets them when the
+    checkpoint returns), so the gradients are the plain model's."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
         checkpoint_wrapper,
     )
-    grads = []
-    for checkpointed in (False, True):
+    grads = {}
+    for kind in ('plain', 'composer', 'hugging_face'):
         student, teacher = tiny_gpt2(n_layer=2, seed=1, dtype=torch.float64), tiny_gpt2(n_layer=2, seed=2,
                                                                                          dtype=torch.float64)
         model = DistillationModel(student, teacher, alpha=1.0,
                                   hidden_states=HiddenStateDistillation(student, teacher)).train()
-        if checkpointed:
-            wrapper = lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.REENTRANT)  # noqa: E731 (Composer's default)
+        if kind == 'composer':  # as Composer's activation_checkpointing does, after the model is built
+            wrapper = lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.REENTRANT)  # noqa: E731
             apply_activation_checkpointing(student, checkpoint_wrapper_fn=wrapper,
                                            check_fn=lambda m: type(m).__name__ == 'GPT2Block')
+        elif kind == 'hugging_face':
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': True})
         batch = _batch()
-        model.loss(model(batch), batch)['total'].backward()
-        grads.append(student.transformer.h[0].attn.c_attn.weight.grad if not checkpointed else
-                     student.transformer.h[0]._checkpoint_wrapped_module.attn.c_attn.weight.grad)
-    assert grads[1] is not None and torch.allclose(grads[0], grads[1], rtol=1e-10)
+        losses = model.loss(model(batch), batch)
+        losses['total'].backward()
+        grads[kind] = {n.replace('_checkpoint_wrapped_module.', ''): p.grad for n, p in student.named_parameters()}
+        assert float(losses['hidden']) > 0
+    for kind in ('composer', 'hugging_face'):
+        for name, grad in grads['plain'].items():
+            assert torch.allclose(grads[kind][name], grad, rtol=1e-10, atol=1e-14), (kind, name)
 
 
 @pytest.mark.parametrize('teacher_width', [24, 16])

@@ -35,7 +35,7 @@ _PROJECTION_SEED = 20261203  # projections start the same on every rank and in e
 
 def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The model's transformer blocks, in order: the ``ModuleList`` of its ``_no_split_modules`` class (GPT-2's
-    ``transformer.h``, Llama's ``model.layers``, ...).
+    ``transformer.h``, Llama's ``model.layers``, ...), wrapped or not.
 
     Raises:
         ValueError: naming the model when it has no such list.
@@ -43,10 +43,17 @@ def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     names = set(getattr(model, '_no_split_modules', None) or ())
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and all(
-                type(block).__name__ in names for block in module):
+                type(_unwrapped(block)).__name__ in names for block in module):
             return module
     raise ValueError(f'cannot find the transformer blocks of {type(model).__name__} (no list of its '
                      f'_no_split_modules {sorted(names)})')
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The block inside activation-checkpointing and FSDP1 wrappers."""
+    while hasattr(module, '_checkpoint_wrapped_module') or hasattr(module, '_fsdp_wrapped_module'):
+        module = getattr(module, '_checkpoint_wrapped_module', None) or module._fsdp_wrapped_module
+    return module
 
 
 def uniform_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
