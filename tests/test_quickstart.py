@@ -117,12 +117,38 @@ def test_a_sweep_reuses_the_shared_stages(capfd, tmp_path: Path, fast_run: Path)
     printed = capfd.readouterr().out
     for stage in quickstart.SHARED_STAGES:
         assert f'[{stage}] complete from an earlier run, skipped' in printed
-    assert '[teacher_topk-T2] ...' in printed  # the top-k of another temperature is precomputed once
+    assert '[teacher_topk] ...' in printed  # the setting's own samples, at its temperature
     variant = out / quickstart.setting_folder(18, 0.1, 2.0, 'forward_kl')
     assert variant == out / 'variants' / 'seed18-alpha0.1-T2-forward_kl'
     results = json.loads((variant / 'results.json').read_text())
     assert results['settings']['seed'] == 18 and results['settings']['temperature'] == 2.0
     assert results['distilled_student'] == str(variant / 'distilled' / 'model')
     assert (out / 'results.json').read_text() == before  # the default setting's report is untouched
-    meta = json.loads((out / 'teacher_topk-T2' / 'data' / 'train' / 'teacher_topk.json').read_text())
+    meta = json.loads((variant / 'teacher_topk' / 'data' / 'train' / 'teacher_topk.json').read_text())
     assert 2.0 in meta['temperatures']
+
+
+def test_the_teacher_is_precomputed_over_exactly_what_the_offline_student_reads(fast_run: Path) -> None:
+    # The offline run reads its precomputed train split unshuffled; it must hold the samples the online run reads
+    # from the whole corpus, shuffled, in the same order — and nothing else.
+    import torch
+    from omegaconf import OmegaConf
+    from streaming import StreamingDataset
+
+    from composer_kd.data.tokens import build_token_dataloader
+    recipe = OmegaConf.load(Path(quickstart.__file__).parents[1] / 'yamls' / 'quickstart' / 'student.yaml')
+    assert (recipe.global_train_batch_size, recipe.eval_subset_num_batches, recipe.device_eval_batch_size) == (
+        quickstart.STUDENT_BATCH, quickstart.EVAL_BATCHES, quickstart.EVAL_BATCH)
+    steps = quickstart.FAST.student_steps
+    loader = build_token_dataloader({'local': str(fast_run / 'data' / 'mds'), 'split': 'train', 'shuffle': True,
+                                     'shuffle_seed': 17, 'max_seq_len': quickstart.FAST.max_seq_len},
+                                    quickstart.STUDENT_BATCH, 0).dataloader
+    read = [row for batch, _ in zip(loader, range(steps)) for row in batch['input_ids']]
+    subset = StreamingDataset(local=str(fast_run / 'offline_samples' / 'train'), shuffle=False)
+    assert len(subset) == len(read) == steps * quickstart.STUDENT_BATCH
+    for i, row in enumerate(read):
+        tokens = torch.as_tensor(subset[i]['tokens'].astype('int64'))
+        assert torch.equal(row[:len(tokens)], tokens), i
+    results = json.loads((fast_run / 'results.json').read_text())
+    assert results['precompute']['samples'] == len(read) + json.loads(
+        (fast_run / 'offline_samples' / 'done.json').read_text())['samples']['val']

@@ -6,7 +6,9 @@ Stages (each written to ``OUT/<stage>`` all at once, and skipped when a rerun fi
 2. ``tokenizer``: byte-level BPE trained on the train split (split by a hash of each file's relative path).
 3. ``data``: ``prepare-data`` into MDS shards.
 4. ``teacher``: ``train`` with ``yamls/quickstart/teacher.yaml`` (alpha 1), then ``export``.
-5. ``teacher_topk``: ``precompute-teacher`` with ``yamls/quickstart/teacher_topk.yaml`` over train and val.
+5. ``offline_samples`` and ``teacher_topk``: the train samples the offline student reads (steps × batch, in its
+   order) and the val samples its evaluations read, then ``precompute-teacher`` with
+   ``yamls/quickstart/teacher_topk.yaml`` over them (not over the whole corpus: the run reads a fraction of it).
 6. ``step_costs``: one training step of each student run (labels only, online, offline) and one precompute
    batch, interleaved in one process (``run/step_costs.py``): what a step costs, whatever the machine's load.
 7. ``distilled``: ``train`` with ``yamls/quickstart/student.yaml`` (the teacher model online), then ``export``.
@@ -18,8 +20,7 @@ Stages (each written to ``OUT/<stage>`` all at once, and skipped when a rerun fi
 Then a report: a table, ``results.json`` and ``eval_curves.png``.
 
 Sweeps share what does not depend on the students' settings: stages 1–4 serve every ``--seed``, ``--alpha``,
-``--temperature`` and ``--divergence``, stage 5 every setting with the same temperature (``teacher_topk-T1.5``
-for T 1.5). Stages 6–11 and the report of the default setting (seed 17, alpha 0.1, T 1, forward KL) sit in
+``--temperature`` and ``--divergence``; stage 5 is the setting's own (the samples depend on the seed). Stages 6–11 and the report of the default setting (seed 17, alpha 0.1, T 1, forward KL) sit in
 ``OUT``; any other setting's in ``OUT/variants/seed18-alpha0.1-T1-forward_kl`` and so on. ``OUT/settings.json``
 records what the shared stages were made with (``--fast`` sizes, corpus); a rerun that changes those is refused.
 """
@@ -38,16 +39,20 @@ from composer_kd.data.staging import staged_folder
 from composer_kd.errors import ConfigError
 from composer_kd.losses import check_distillation_args
 from composer_kd.quickstart.report import write_report
-from composer_kd.quickstart.runs import offline_overrides, precompute_run, step_costs_run, train_run
+from composer_kd.quickstart.runs import offline_overrides, offline_samples_run, precompute_run, step_costs_run, \
+    train_run
 from composer_kd.quickstart.tiny_assets import train_bpe_tokenizer
 
 __all__ = ['Sizes', 'DEFAULT', 'FAST', 'run_quickstart']
 
 VAL_FRACTION = 0.05
+# What yamls/quickstart/student.yaml reads: its global batch, and its evaluations' batches (eval_subset_num_batches
+# of device_eval_batch_size); tests/test_quickstart.py checks them against the recipe.
+STUDENT_BATCH, EVAL_BATCHES, EVAL_BATCH = 16, 8, 32
 SHARED_STAGES = ('corpus', 'tokenizer', 'data', 'teacher')  # whatever the students' settings
-SETTING_STAGES = ('step_costs', 'distilled', 'distilled_offline', 'baseline', 'baseline_equal_time',
-                  'baseline_equal_time_offline')
-STAGES = (*SHARED_STAGES, 'teacher_topk', *SETTING_STAGES)
+SETTING_STAGES = ('offline_samples', 'teacher_topk', 'step_costs', 'distilled', 'distilled_offline', 'baseline',
+                  'baseline_equal_time', 'baseline_equal_time_offline')
+STAGES = (*SHARED_STAGES, *SETTING_STAGES)
 OWN_FILES = ('results.json', 'eval_curves.png', 'settings.json', 'variants')
 DEFAULT_SETTING = {'seed': 17, 'alpha': 0.1, 'temperature': 1.0, 'divergence': 'forward_kl'}
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'turtledemo', 'tkinter', 'lib2to3', 'ensurepip',
@@ -82,11 +87,6 @@ def corpus_files(folder: str, max_files: Optional[int]) -> list[str]:
     return found[:max_files] if max_files else found
 
 
-def topk_stage(temperature: float) -> str:
-    """The ``teacher_topk`` stage's folder for a distillation temperature (1 is the plain name)."""
-    return 'teacher_topk' if temperature == 1.0 else f'teacher_topk-T{temperature:g}'
-
-
 def setting_folder(seed: int, alpha: float, temperature: float, divergence: str) -> str:
     """Where a setting's student stages and report go, relative to ``OUT`` (``''`` for the default setting)."""
     if {'seed': seed, 'alpha': alpha, 'temperature': temperature, 'divergence': divergence} == DEFAULT_SETTING:
@@ -106,7 +106,7 @@ def _check_out(out: Path, variant: Path) -> None:
         raise ConfigError(f'--out: cannot write to {out}: {e.strerror}') from e
     known = set(STAGES) | set(OWN_FILES)
     for entry in sorted(out.iterdir()):
-        if entry.name not in known and not entry.name.startswith('teacher_topk-T') and '.partial-' not in entry.name:
+        if entry.name not in known and '.partial-' not in entry.name:
             raise ConfigError(f'--out: {out} holds {entry.name!r}, which is not from a quickstart run; '
                               'use an empty or new folder')
     variant.mkdir(parents=True, exist_ok=True)
@@ -200,9 +200,12 @@ def run_quickstart(out: str = 'quickstart-out', fast: bool = False, corpus: Opti
 
     records['teacher'] = _stage(out_path, 'teacher', lambda f: train_run(
         out_path, f, 'teacher.yaml', *common, sizes.teacher, sizes.teacher_steps, 17))
-    topk = out_path / topk_stage(temperature)
-    records['teacher_topk'] = _stage(out_path, topk.name, lambda f: precompute_run(
-        out_path, f, sizes.max_seq_len, sizes.top_k, temperature))
+    records['offline_samples'] = _stage(variant, 'offline_samples', lambda f: offline_samples_run(
+        out_path, f, sizes.max_seq_len, seed, sizes.student_steps * STUDENT_BATCH, EVAL_BATCHES * EVAL_BATCH,
+        STUDENT_BATCH))
+    topk = variant / 'teacher_topk'
+    records['teacher_topk'] = _stage(variant, 'teacher_topk', lambda f: precompute_run(
+        out_path, f, variant / 'offline_samples', sizes.max_seq_len, sizes.top_k, temperature))
     records['step_costs'] = _stage(variant, 'step_costs', lambda f: step_costs_run(
         out_path, topk, sizes.max_seq_len, vocab_size, sizes.student, seed, distillation, sizes.top_k,
         sizes.cost_rounds, max(1, sizes.cost_rounds // 6)))

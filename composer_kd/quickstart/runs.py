@@ -37,9 +37,37 @@ def _overrides(out: Path, max_seq_len: int, eval_interval: int, vocab_size: int,
 
 
 def offline_overrides(topk: Path) -> tuple[str, ...]:
-    """``student.yaml`` distilled from a ``teacher_topk`` stage's data (``topk/data``) instead of the teacher model."""
+    """``student.yaml`` distilled from a ``teacher_topk`` stage's data (``topk/data``) instead of the teacher model:
+    its train split holds the samples the student reads, in the order it reads them (``offline_samples_run``)."""
     data = topk / 'data'
-    return ('model.teacher.precomputed=true', f'train_loader.dataset.local={data}', f'eval_loader.dataset.local={data}')
+    return ('model.teacher.precomputed=true', f'train_loader.dataset.local={data}', 'train_loader.dataset.shuffle=false',
+            f'eval_loader.dataset.local={data}')
+
+
+def offline_samples_run(out: Path, folder: Path, max_seq_len: int, seed: int, train_samples: int,
+                        val_samples: int, batch_size: int) -> dict[str, Any]:
+    """The samples an offline student reads, as MDS splits in ``folder``: ``train``, the first ``train_samples`` of
+    the train split in the order ``student.yaml`` reads them (shuffled with ``seed`` by a batch of ``batch_size``,
+    one process, as the run's loader does), and ``val``, the first ``val_samples`` held-out ones (what its
+    evaluations read). Precomputing the teacher over these alone costs what the run uses, not the whole corpus."""
+    from streaming import MDSWriter, StreamingDataset
+
+    from composer_kd.data.packing import COLUMNS
+    from composer_kd.data.tokens import TokenDataset
+    counts = {}
+    for split, samples, shuffle in (('train', train_samples, True), ('val', val_samples, False)):
+        dataset = TokenDataset(max_seq_len=max_seq_len, local=str(out / 'data' / 'mds'), split=split, shuffle=shuffle,
+                               shuffle_seed=seed, batch_size=batch_size)
+        with MDSWriter(columns=COLUMNS, out=str(folder / split), compression='zstd') as writer:
+            written = 0
+            for item in dataset:  # the order the run's DataLoader (no workers) yields
+                if written == samples:
+                    break
+                writer.write(StreamingDataset.__getitem__(dataset, int(item['sample_id'])))  # tokens and source
+                written += 1
+        release_shared_memory(dataset)
+        counts[split] = written
+    return {'samples': counts, 'seed': seed, 'batch_size': batch_size}
 
 
 def train_run(out: Path, folder: Path, recipe: str, max_seq_len: int, eval_interval: int, vocab_size: int,
@@ -65,15 +93,16 @@ def train_run(out: Path, folder: Path, recipe: str, max_seq_len: int, eval_inter
     return {'steps': steps, 'wall_s': wall, 'tokens': tokens, 'tokens_per_s': tokens / wall, 'eval_curve': curve}
 
 
-def precompute_run(out: Path, folder: Path, max_seq_len: int, top_k: int, temperature: float = 1.0) -> dict[str, Any]:
-    """``composer-kd precompute-teacher`` with ``teacher_topk.yaml`` over the train and val splits into
+def precompute_run(out: Path, folder: Path, source: Path, max_seq_len: int, top_k: int,
+                   temperature: float = 1.0) -> dict[str, Any]:
+    """``composer-kd precompute-teacher`` with ``teacher_topk.yaml`` over the train and val splits of ``source`` into
     ``folder/data`` (recording ``temperature`` besides 1); returns the wall time and each split's summary."""
     start = time.perf_counter()
     splits = {}
     for split in ('train', 'val'):
         overrides = [f'variables.out={out}', f'variables.max_seq_len={max_seq_len}', f'variables.split={split}',
                      f'variables.top_k={top_k}', f'variables.logprobs={LOGPROBS}',
-                     f'variables.topk_out={folder / "data"}']
+                     f'variables.topk_out={folder / "data"}', f'variables.source={source}']
         if temperature != 1.0:
             overrides.append(f'precompute.temperatures=[1.0,{temperature}]')
         summary = precompute_teacher(load_precompute_config(str(RECIPES / 'teacher_topk.yaml'), overrides))
