@@ -176,6 +176,24 @@ def test_the_config_refuses_what_cannot_be_cut(overrides: list[str], match: str)
                          gpu=False, paths=LocalPaths(elsewhere=True))
 
 
+def test_from_teacher_can_cut_another_checkpoint(tiny_assets: Path) -> None:
+    """``from_teacher.pretrained_model_name_or_path``: the student is cut from that checkpoint, not the run's teacher
+    (with an ensemble too); float32 unless ``torch_dtype`` says otherwise."""
+    from transformers import AutoTokenizer
+
+    from composer_kd.builders.models import build_distillation_model
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / 'tokenizer')
+    teacher = {'pretrained_model_name_or_path': str(tiny_assets / 'teacher')}
+    cut = {'every': 1, 'pretrained_model_name_or_path': str(tiny_assets / 'teacher_b')}
+    for teachers in ({'teacher': teacher}, {'teachers': [teacher, teacher]}):
+        model = build_distillation_model({'student': {'from_teacher': cut, 'torch_dtype': 'float64'}, **teachers},
+                                         tokenizer)
+        want = cut_model(AutoModelForCausalLM.from_pretrained(tiny_assets / 'teacher_b'), [0], dtype=torch.float64)
+        got = model.model.state_dict()
+        assert sorted(got) == sorted(want.state_dict()) and all(torch.equal(got[k], v)
+                                                                for k, v in want.state_dict().items())
+
+
 def _pruned_config(tmp_path: Path, tiny_assets: Path, **edits) -> Path:
     cfg = OmegaConf.load(REPO / 'yamls' / 'tiny-cpu-pruned.yaml')
     cfg.variables.assets = str(tiny_assets)
