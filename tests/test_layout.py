@@ -17,6 +17,7 @@ LAYERS = {
     'callbacks': 5,  # callbacks drive the model (sampling continuations with it, reading its sums)
     'builders': 6,
     'run': 7,
+    'foundry': 7,
     'quickstart': 8,
     'cli': 9,
 }

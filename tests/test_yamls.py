@@ -15,7 +15,8 @@ from composer_kd.config.run_config import load_config
 from composer_kd.errors import ConfigError
 from composer_kd.run.train import check_run_config
 
-ALL = sorted((Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml'))
+ALL = sorted(p for p in (Path(__file__).resolve().parents[1] / 'yamls').rglob('*.yaml')
+             if 'foundry' not in p.parts)  # LLM Foundry's dialect: tests/test_foundry_plugin.py
 PRECOMPUTE = [p for p in ALL if 'precompute' in read_yaml(str(p))]
 ROUNDS = [p for p in ALL if 'rounds' in read_yaml(str(p))]
 RECIPES = [p for p in ALL if p not in PRECOMPUTE and p not in ROUNDS]
@@ -72,36 +73,45 @@ def test_precompute_recipe_is_valid(recipe: Path) -> None:
         FSDPConfig(**cfg['fsdp_config'])
 
 
-def test_the_readme_yaml_parses_and_passes_every_check(tmp_path: Path) -> None:
-    """The full config block is checked as launched on 8 GPUs; each fragment on top of it; the precompute block
-    as a precompute config; every block must parse."""
-    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
-    blocks = [b.split('```', 1)[0] for b in readme.split('```yaml\n')[1:]]
-    parsed = []
-    for i, block in enumerate(blocks):
-        path = tmp_path / f'block{i}.yaml'
-        path.write_text(block)
-        parsed.append(read_yaml(str(path)))
-    full = [cfg for cfg in parsed if 'max_duration' in cfg]
-    assert len(full) == 1, 'the README has one full run config'
-    check_run_config(load_config(str(tmp_path / f'block{parsed.index(full[0])}.yaml')), world_size=8, gpu=True,
-                     paths=ELSEWHERE)
-    for i, cfg in enumerate(parsed):
-        if 'precompute' in cfg:
-            check_precompute_config(load_precompute_config(str(tmp_path / f'block{i}.yaml')), world_size=8, gpu=True,
-                                    paths=ELSEWHERE)
-        elif 'rounds' not in cfg and cfg is not full[0]:
-            merged = OmegaConf.to_container(OmegaConf.merge(full[0], cfg))
+# The pages whose YAML blocks belong to a run config: whole configs, or fragments of one.
+DOC_PAGES = ('README.md', 'docs/config.md', 'docs/offline.md', 'docs/ensembles-and-rounds.md', 'docs/fused-head.md')
+
+
+def test_the_docs_yaml_parses_and_passes_every_check(tmp_path: Path) -> None:
+    """docs/config.md's full config block is checked as launched on 8 GPUs, and so is the README's minimal one;
+    each fragment of these pages on top of the full config; the precompute block as a precompute config; every
+    block must parse."""
+    root = Path(__file__).resolve().parents[1]
+    paths, parsed = {}, {}
+    for page in DOC_PAGES:
+        blocks = [b.split('```', 1)[0] for b in (root / page).read_text().split('```yaml\n')[1:]]
+        for i, block in enumerate(blocks):
+            path = tmp_path / f'{page.replace("/", "_")}-block{i}.yaml'
+            path.write_text(block)
+            paths[path], parsed[path] = page, read_yaml(str(path))
+    assert set(paths.values()) == set(DOC_PAGES), 'each page has YAML blocks'
+    full = [path for path, cfg in parsed.items() if 'max_duration' in cfg and paths[path] == 'docs/config.md']
+    assert len(full) == 1, 'docs/config.md has one full run config'
+    assert [paths[p] for p, cfg in parsed.items() if 'max_duration' in cfg].count('README.md') == 1, \
+        'the README has one minimal run config'
+    base = parsed[full[0]]
+    for i, (path, cfg) in enumerate(parsed.items()):
+        if 'max_duration' in cfg:
+            check_run_config(load_config(str(path)), world_size=8, gpu=True, paths=ELSEWHERE)
+        elif 'precompute' in cfg:
+            check_precompute_config(load_precompute_config(str(path)), world_size=8, gpu=True, paths=ELSEWHERE)
+        elif 'rounds' not in cfg:
+            merged = OmegaConf.to_container(OmegaConf.merge(base, cfg))
             if 'teachers' in cfg.get('model', {}):
                 merged['model']['teacher'] = None
-            path = tmp_path / f'merged{i}.yaml'
-            OmegaConf.save(merged, path)
+            merged_path = tmp_path / f'merged{i}.yaml'
+            OmegaConf.save(merged, merged_path)
             if 'wandb' in (merged.get('loggers') or {}) and importlib.util.find_spec('wandb') is None:
                 with pytest.raises(ConfigError, match='loggers.wandb: the wandb package is not installed'):
-                    check_run_config(load_config(str(path)), world_size=8, gpu=True, paths=ELSEWHERE)
+                    check_run_config(load_config(str(merged_path)), world_size=8, gpu=True, paths=ELSEWHERE)
                 del merged['loggers']['wandb']
-                OmegaConf.save(merged, path)
-            check_run_config(load_config(str(path)), world_size=8, gpu=True, paths=ELSEWHERE)
+                OmegaConf.save(merged, merged_path)
+            check_run_config(load_config(str(merged_path)), world_size=8, gpu=True, paths=ELSEWHERE)
 
 
 def test_eval_interval_zero_means_never_and_format_load_paths_are_not_checked(tiny_assets: Path) -> None:

@@ -23,7 +23,7 @@ from composer_kd.model.layer_pruning import cut_model, empty_cut_model, family_o
 from composer_kd.model.vocab import check_same_vocabulary
 
 __all__ = ['build_tokenizer', 'build_causal_lm', 'build_distillation_model', 'build_student_from_teacher',
-           'check_model_tokenizer', 'model_tokenizer']
+           'check_model_tokenizer', 'distillation_model_arguments', 'model_tokenizer']
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
 
@@ -129,6 +129,16 @@ def check_model_tokenizer(key: str, cfg: Mapping[str, Any], tokenizer: PreTraine
 def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> DistillationModel:
     """The YAML ``model:`` section → ``DistillationModel`` (student, optional teacher or ``teachers`` ensemble,
     loss settings); a precomputed teacher (``teacher: {precomputed: true}``) loads no teacher model."""
+    arguments = distillation_model_arguments(cfg, tokenizer)
+    try:
+        return DistillationModel(**arguments)
+    except ValueError as e:
+        raise ConfigError(f'model: {e}') from e
+
+
+def distillation_model_arguments(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The ``DistillationModel`` keyword arguments of a ``model:`` section, its models built (``composer-kd train``
+    and LLM Foundry's ``composer_kd_distillation`` model share it)."""
     distillation = dict(cfg.get('distillation') or {})
     distillation.pop('on_policy', None)  # a callback's settings (callbacks/on_policy.py), not the loss's
     precomputed = bool((cfg.get('teacher') or {}).get('precomputed'))
@@ -150,11 +160,9 @@ def build_distillation_model(cfg: Mapping[str, Any], tokenizer: PreTrainedTokeni
         taps = HiddenStateDistillation(student, models[0], **hidden_states) if hidden_states is not None else None
     except ValueError as e:
         raise ConfigError(f'model.distillation.hidden_states: {e}') from e
-    try:
-        return DistillationModel(student, models or None, tokenizer, teacher_weights=weights if models else None,
-                                 precomputed_teacher=precomputed, hidden_states=taps, **distillation)
-    except ValueError as e:
-        raise ConfigError(f'model: {e}') from e
+    return {'student': student, 'teacher': models or None, 'tokenizer': tokenizer,
+            'teacher_weights': weights if models else None, 'precomputed_teacher': precomputed, 'hidden_states': taps,
+            **distillation}
 
 
 def build_student_from_teacher(section: Mapping[str, Any], teacher: Optional[PreTrainedModel],

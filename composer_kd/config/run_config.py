@@ -20,6 +20,9 @@ def validate_run_config(cfg: Mapping[str, Any]) -> None:
     """
     if 'rounds' in cfg:
         raise ConfigError('rounds: this is a multi-round config; run it with `composer-kd rounds`')
+    if isinstance(cfg.get('model'), dict) and cfg['model'].get('name') == 'composer_kd_distillation':
+        raise ConfigError('model.name: composer_kd_distillation: this is an LLM Foundry config; run it with Foundry\'s '
+                          'train script (llmfoundry.command_utils.train_from_yaml)')
     check(cfg, RUN_SCHEMA)
 
 

@@ -14,7 +14,8 @@ from composer_kd.errors import ConfigError
 from composer_kd.losses.settings import check_distillation_args, check_ensemble_weights
 
 __all__ = [
-    'BatchSizes', 'METRIC_DIRECTIONS', 'check_fsdp', 'check_init_devices', 'check_precision', 'check_run_rules',
+    'BatchSizes', 'METRIC_DIRECTIONS', 'check_fsdp', 'check_init_devices', 'check_model_rules', 'check_precision',
+    'check_run_rules',
     'ensemble_mode', 'ensemble_weights', 'on_policy',
     'eval_metric_names', 'has_teacher', 'is_precomputed', 'loader_max_seq_len', 'model_entries', 'run_precision',
     'teacher_entries'
@@ -249,6 +250,14 @@ def _check_hidden_states(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f'model.distillation.hidden_states.pairs={pairs!r} repeats a pair')
 
 
+def check_model_rules(cfg: Mapping[str, Any], paths: LocalPaths) -> None:
+    """The rules of the ``model:`` section alone (``cfg['model']``): its model sections, the loss settings, a
+    student cut from the teacher, hidden-state distillation (LLM Foundry's model block is checked with these)."""
+    _check_model(cfg, paths)
+    _check_student_from_teacher(cfg, paths)
+    _check_hidden_states(cfg)
+
+
 def _check_callbacks(cfg: Mapping[str, Any]) -> None:
     for name, kwargs in (cfg.get('callbacks') or {}).items():
         kwargs = kwargs or {}
@@ -324,9 +333,7 @@ def check_run_rules(cfg: Mapping[str, Any], world_size: int, gpu: bool, fsdp_ver
     check_fsdp(cfg, world_size, gpu, fsdp_version)
     check_init_devices(cfg, world_size, gpu)
     _check_on_policy(cfg)
-    _check_model(cfg, paths)
-    _check_student_from_teacher(cfg, paths)
-    _check_hidden_states(cfg)
+    check_model_rules(cfg, paths)
     paths.folder('tokenizer.name', cfg['tokenizer']['name'])
     _check_callbacks(cfg)
     for loader in ('train_loader', 'eval_loader'):

@@ -10,7 +10,7 @@ from composer_kd.config.model_schema import DISTILLATION, FROM_TEACHER, model_se
 from composer_kd.config.schema import DATASET, FSDP, LOADER, MODEL, RUN, TRAINER, Free, Key, Registry, Section, \
     SectionList
 
-__all__ = ['DATASET_KEYS', 'FSDP_CONFIG', 'PRECISIONS', 'RUN_SCHEMA', 'trainer_keys']
+__all__ = ['DATASET_KEYS', 'FOUNDRY_MODEL_BLOCK', 'FSDP_CONFIG', 'PRECISIONS', 'RUN_SCHEMA', 'trainer_keys']
 
 PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16', 'amp_fp8')
 LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
@@ -162,6 +162,19 @@ RUN_SCHEMA = Section('', 'A run config.', (
     Key('on_nonfinite', Choice(['raise', 'skip_batch']), 'A NaN/Inf loss stops the run naming step, rank and '
         'samples (`raise`), or its batch is skipped (`skip_batch`).', 'raise'),
 ))
+
+
+def _model_section() -> Section:
+    return next(e for e in RUN_SCHEMA.entries if e.name == 'model')
+
+
+# LLM Foundry's model block for composer_kd_distillation (composer_kd/foundry/model.py): our model section, plus
+# Foundry's top-level init_device (applied to the sections without their own).
+FOUNDRY_MODEL_BLOCK = Section('model', 'LLM Foundry\'s `model:` block of `name: composer_kd_distillation`.', (
+    *_model_section().entries,
+    Key('init_device', Choice(['cpu', 'meta', 'mixed']), 'Foundry\'s: the student\'s and teachers\' init_device '
+        'where they set none.', dest=MODEL),
+), dest=MODEL)
 
 
 def trainer_keys() -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from composer_kd.losses.stats import distillation_stat_sums, per_sample_losses, 
 from composer_kd.model.flops import forward_flops, matmul_params
 from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.fsdp import prepare_for_fsdp
+from composer_kd.model.generation import no_fsdp2_input_casts
 from composer_kd.model.head_tap import HeadTap
 from composer_kd.model.hidden_state_taps import HiddenStateDistillation
 from composer_kd.model.metrics import (
@@ -38,6 +39,9 @@ from composer_kd.model.vocab import shared_vocab_size
 __all__ = ['DistillationModel']
 
 log = logging.getLogger(__name__)
+
+# Batches of Composer's and LLM Foundry's in-context-learning evaluators: scored on the student alone.
+_ICL_MODES = ('icl_task', 'generate')
 
 # 'teacher.': checkpoints of versions that held one teacher under that name.
 _TEACHER_PREFIXES = ('teachers.', 'teacher.')
@@ -329,7 +333,8 @@ class DistillationModel(HuggingFaceModel):
                      batch: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
         """Appends a microbatch's per-sample terms to ``sample_records`` (``PerSampleLog``)."""
         if batch.get('sample_id') is None:
-            raise ValueError('per-sample tracking needs batches with sample_id (TokenDataset gives it)')
+            raise ValueError('per-sample tracking needs batches with sample_id (TokenDataset gives it; under LLM Foundry '
+                             'the composer_kd_tokens or composer_kd_precomputed loader, not text)')
         values = per_sample_losses(student, teacher, labels, **settings)
         assert self.sample_records is not None
         self.sample_records.append({'sample_id': batch['sample_id'].detach().cpu(), **values})
@@ -347,9 +352,25 @@ class DistillationModel(HuggingFaceModel):
 
     # -- metrics -------------------------------------------------------------------------------------------
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> Any:
+        if batch.get('mode') in _ICL_MODES:  # in-context-learning evaluation: the student alone, as HuggingFaceModel
+            return super().eval_forward(batch, outputs if outputs is not None else self._student_logits(batch))
         return outputs if outputs is not None else self.forward(batch)
 
-    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """The student's ``generate`` (Composer's ``HuggingFaceModel.generate``), with FSDP2's forward-input cast off:
+        it would copy the KV cache each step (``model/generation.py``)."""
+        with no_fsdp2_input_casts(self.model):
+            return super().generate(input_ids, **kwargs)
+
+    def _student_logits(self, batch: Mapping[str, Any]) -> Optional[dict[str, torch.Tensor]]:
+        """The student's logits of an ``icl_task`` batch (a ``generate`` batch generates instead)."""
+        if batch.get('mode') == 'generate':
+            return None
+        return {'logits': self.model(input_ids=batch['input_ids'], attention_mask=batch.get('attention_mask')).logits}
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> Any:
+        if batch.get('mode') in _ICL_MODES:  # the labels eval_forward kept, and the metric's own update
+            return super().update_metric(batch, outputs, metric)
         labels = batch_labels(batch)
         if outputs.get('logits') is None:  # the fused head: token sums instead of logits
             update_from_fused_outputs(metric, outputs, scored_positions(labels).sum())

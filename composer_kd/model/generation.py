@@ -26,11 +26,11 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from composer_kd.model.sampling import SeededGumbelSampler
 
-__all__ = ['generate_continuations']
+__all__ = ['generate_continuations', 'no_fsdp2_input_casts']
 
 
 @contextlib.contextmanager
-def _no_fsdp2_input_casts(model: torch.nn.Module) -> Iterator[None]:
+def no_fsdp2_input_casts(model: torch.nn.Module) -> Iterator[None]:
     """FSDP2 units of ``model`` leave forward inputs as they are (see the module); restored afterwards."""
     from torch.distributed.fsdp import FSDPModule
     # FSDP2's per-module state (torch 2.7's _get_fsdp_state / _mp_policy); tests/test_on_policy_launcher.py fails by
@@ -101,7 +101,7 @@ def generate_continuations(model: torch.nn.Module, prompt_ids: torch.Tensor, pro
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=pad_token_id, eos_token_id=list(eos_ids), return_dict_in_generate=False,
                               temperature=None, top_p=None, top_k=None)
-    with _generating(model, root), _no_fsdp2_input_casts(model):
+    with _generating(model, root), no_fsdp2_input_casts(model):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                    logits_processor=LogitsProcessorList([sampler]), synced_gpus=world_size > 1)
     tokens = sequences[:, prompt_ids.shape[1]:]
