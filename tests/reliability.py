@@ -1,7 +1,7 @@
 """The reliability table: tests of faults and bad inputs record what they tried, what the user saw and what
 was lost; ``conftest.pytest_sessionfinish`` writes the rows as JSON to ``$COMPOSER_KD_RELIABILITY_JSON``
-(when set) — the README's reliability table is that file through ``markdown`` (``python tests/reliability.py
-FILE``)."""
+(when set) — the reliability table of ``docs/reliability.md`` is that file through ``markdown`` (``python
+tests/reliability.py FILE``); ``tests/test_docs.py`` checks that the page's table is in this format."""
 
 import re
 from typing import Any
@@ -15,7 +15,7 @@ def record(fault: str, user_sees: str, lost: str = 'nothing', traceback: bool = 
 
 
 def _cell(text: str, limit: int = 227) -> str:
-    """A README cell: exit statuses for the CLI's prefixes, temporary folders as ``…``, long lines cut."""
+    """A table cell: exit statuses for the CLI's prefixes, temporary folders as ``…``, long lines cut."""
     text = re.sub(r'^composer-kd [\w-]+: error: ', 'exit 2: ', text)
     text = re.sub(r'^composer-kd [\w-]+: stopped: ', 'exit 1: ', text)
     text = re.sub(r'/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/', '…/', text)
@@ -24,7 +24,8 @@ def _cell(text: str, limit: int = 227) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The README's reliability table: faults and bad inputs (sorted), then the bad config values, folded."""
+    """The reliability table (``docs/reliability.md``): faults and bad inputs (sorted), then the bad config values,
+    folded."""
     values = sorted((r for r in rows if r['fault'].startswith('train ')), key=lambda r: r['fault'])
     faults = sorted((r for r in rows if not r['fault'].startswith('train ')), key=lambda r: r['fault'])
     lines = ['| fault | what the user sees | lost |', '|---|---|---|']
