@@ -47,6 +47,24 @@ def test_state_dict_holds_the_student_only_and_loads_strictly() -> None:
         other.load_state_dict(state, strict=True)
 
 
+def test_a_student_only_state_loads_while_composer_asks_for_the_whole_model() -> None:
+    """Composer's LoadCheckpoint callback clears should_save_peft_only to load a checkpoint (as its FSDP2
+    broadcast does): our student-only checkpoints still load strictly, and the teachers stay as they are."""
+    model = DistillationModel(tiny_gpt2(seed=1), tiny_gpt2(seed=2, n_layer=2))
+    state = model.state_dict()
+    other = DistillationModel(tiny_gpt2(seed=5), tiny_gpt2(seed=3, n_layer=2))
+    before = {k: v.clone() for k, v in other.teachers.state_dict().items()}
+    other.should_save_peft_only = False  # what LoadCheckpoint._load does around load_checkpoint
+    other.load_state_dict(state, strict=True)
+    assert all(torch.equal(other.model.state_dict()[k[len('model.'):]], v) for k, v in state.items())
+    assert all(torch.equal(other.teachers.state_dict()[k], v) for k, v in before.items())
+    whole = other.state_dict()  # the broadcast's whole state: the teachers travel
+    assert any(k.startswith('teachers.') for k in whole)
+    model.should_save_peft_only = False
+    model.load_state_dict(whole, strict=True)
+    assert all(torch.equal(model.teachers.state_dict()[k], v) for k, v in before.items())
+
+
 def test_padded_vocabularies_are_cut_to_the_tokenizer(tmp_path, tiny_assets) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_assets / 'tokenizer')
     n = len(tokenizer)

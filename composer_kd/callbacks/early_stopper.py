@@ -31,6 +31,7 @@ class StatefulEarlyStopper(EarlyStopper):
         self.stopped_at: int | None = None
 
     def _update_stopper_state(self, state: State) -> None:
+        # Composer's private step of EarlyStopper (tests/test_dependency_internals.py names it if an upgrade moves it).
         duration_before = state.max_duration
         super()._update_stopper_state(state)
         if state.max_duration != duration_before:  # it called state.stop_training()

@@ -59,7 +59,8 @@ class TokenDataset(StreamingDataset):
         """Streaming's shard download/decompression, remembering why a shard failed (it runs in a thread).
 
         Streaming 0.13 leaves a shard that failed in the PREPARING state, and every reader waiting for it spins
-        forever; it is set back to REMOTE, so a waiter stops waiting and fails on the shard itself.
+        forever; it is set back to REMOTE, so a waiter stops waiting and fails on the shard itself (Streaming's
+        private ``_shard_states``; tests/test_dependency_internals.py names it if an upgrade moves it).
         """
         try:
             return super().prepare_shard(shard_id, blocking)

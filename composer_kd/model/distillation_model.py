@@ -390,7 +390,11 @@ class DistillationModel(HuggingFaceModel):
     # -- checkpoints: the student only ---------------------------------------------------------------------
     def _whole_model(self) -> bool:
         """Composer clears ``should_save_peft_only`` while it broadcasts rank 0's weights to ranks built on
-        ``meta`` (FSDP2 ``sync_module_states``, ``init_device: mixed``): then the teachers travel too."""
+        ``meta`` (FSDP2 ``sync_module_states``, ``init_device: mixed``): then the teachers travel too. Composer's
+        public ``LoadCheckpoint`` callback clears it as well, to load a checkpoint: ``load_state_dict`` therefore
+        loads teachers only from a state that holds them. A private signal of Composer's (``get_full_state_dict``
+        in ``composer/distributed/prepare_distributed.py``): ``tests/test_dependency_internals.py`` says so by name
+        when an upgrade moves it."""
         return self.should_save_peft_only is False
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:
@@ -403,7 +407,7 @@ class DistillationModel(HuggingFaceModel):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         # Keep torch's signature: torch.distributed.checkpoint calls it with keywords (FSDP2 autoresume).
-        if self._whole_model():
+        if self._whole_model() and any(k.startswith(_TEACHER_PREFIXES) for k in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         student_state = {k: v for k, v in state_dict.items() if not k.startswith(_TEACHER_PREFIXES)}
         result = super().load_state_dict(student_state, strict=False, assign=assign)

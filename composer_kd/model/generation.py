@@ -33,7 +33,7 @@ __all__ = ['generate_continuations', 'no_fsdp2_input_casts']
 def no_fsdp2_input_casts(model: torch.nn.Module) -> Iterator[None]:
     """FSDP2 units of ``model`` leave forward inputs as they are (see the module); restored afterwards."""
     from torch.distributed.fsdp import FSDPModule
-    # FSDP2's per-module state (torch 2.7's _get_fsdp_state / _mp_policy); tests/test_on_policy_launcher.py fails by
+    # FSDP2's per-module state (torch 2.7's _get_fsdp_state / _mp_policy); tests/test_dependency_internals.py fails by
     # name if a torch upgrade changes it.
     states = [m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)]
     saved = [state._mp_policy for state in states]

@@ -72,7 +72,9 @@ def _local_checkpoint_folder(cfg: Mapping[str, Any]) -> Optional[str]:
 
 
 def _checkpoint_write_failure(error: BaseException) -> Optional[str]:
-    """Why a checkpoint write failed (disk full, quota, read-only, I/O), or ``None`` for another error."""
+    """Why a checkpoint write failed (disk full, quota, read-only, I/O), or ``None`` for another error. Composer has
+    no public signal for it: the traceback's frames say whether the error came from its checkpoint writers
+    (tests/test_dependency_internals.py checks they still live in these files)."""
     in_saver = any(frame.filename.endswith(('checkpoint_saver.py', 'utils/checkpoint.py'))
                    for frame in traceback.extract_tb(error.__traceback__))
     if not in_saver:
