@@ -1,9 +1,14 @@
 """The benchmark scripts run end to end (``--quick``) and report what they promise; no timing is asserted."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # whole runs: the quickstart, the notebooks, the benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,3 +41,35 @@ def test_loss_peers_benchmark_runs_every_installed_case_and_they_agree() -> None
     assert cases['liger']['skipped'] == 'needs CUDA (Triton kernels)'
     assert point['agreement']['agree'] and result['all_agree']
     assert all(c['peak_bytes'] >= 0 and c['kl'] > 0 for c in cases.values() if 'median_s' in c)
+
+
+def test_on_policy_benchmark_runs_beside_trl_and_splits_the_step(tiny_assets: Path, tmp_path: Path) -> None:
+    pytest.importorskip('trl')
+    assets = tmp_path / 'assets'  # a copy: Streaming keys its shared memory by the local folder
+    shutil.copytree(tiny_assets, assets)
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'on_policy.py'), '--assets', str(assets),
+                           '--quick'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for side in ('composer_kd', 'trl'):
+        summary = result[side]
+        assert summary['steps'] == 2 and summary['generated_tokens_per_s'] > 0
+        assert abs(sum(summary['split_share'].values()) - 1) < 1e-6
+        assert all(summary['split_s_median'][part] > 0 for part in ('generate', 'teacher_forward', 'student_forward'))
+    assert result['prompts_retokenized_differently_for_trl'] == 0
+    assert result['trl_mixed_precision'] == 'no' and result['trl_student_wrapped_as'] != 'DistributedDataParallel'
+    assert len(result['trl_over_composer_kd_step_s']['rounds']) == 2
+
+
+def test_hidden_states_benchmark_runs_and_reports() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'hidden_states.py'), '--vocab', '128',
+                           '--teacher', '4x64', '--student', '2x32', '--seq', '16', '--batch', '2', '--rounds', '2',
+                           '--device', 'cpu'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    pairs = {'small', 'small_fused', 'cut', 'cut_fused'}
+    assert set(result['time_ratio_hidden_over_without']) == pairs
+    assert all(r > 0 for r in result['time_ratio_hidden_over_without'].values())
+    assert set(result['saved_for_backward_mb']) == pairs | {f'{p}_hidden' for p in pairs}
+    assert result['kept_states'] == {'small': {'pairs': 2, 'projections': True, 'mb': 0.0},
+                                     'cut': {'pairs': 2, 'projections': False, 'mb': 0.0}}

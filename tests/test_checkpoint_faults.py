@@ -7,6 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from reliability import record
 
@@ -50,6 +51,7 @@ def _train(config: Path, *args: str, inject: int | None = None) -> subprocess.Co
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_disk_full_at_a_checkpoint_names_the_folder_and_the_rerun_finishes_bit_identically(tmp_path,
                                                                                             write_config) -> None:
     # save_overwrite: false, Composer's default: a partial file left behind would block the resume.

@@ -81,6 +81,7 @@ def test_empty_split(capsys, tmp_path, write_config) -> None:
     _fails_at_data(capsys, config, 'empty split', 'the split is empty (index.json lists 0 shards and no samples)')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_corrupt_shard_bytes(tmp_path, write_config, workers) -> None:
     # Same size, garbage in the sample region: named at the first bad read, in the main process or a worker.
@@ -102,6 +103,7 @@ def test_corrupt_shard_bytes(tmp_path, write_config, workers) -> None:
         record('corrupt shard bytes', line)
 
 
+@pytest.mark.slow
 def test_corrupt_compressed_shard(tmp_path, write_config) -> None:
     # Streaming decompresses in a background thread; its failure is named by shard, not a thread's traceback.
     config = write_config(**{'eval_loader': None, 'max_duration': '2ba'})
@@ -123,6 +125,7 @@ def _write_tokens(folder: Path, rows: list[np.ndarray]) -> None:
             writer.write({'tokens': row.astype(np.int32)})
 
 
+@pytest.mark.slow
 def test_sample_longer_than_max_seq_len(tmp_path, write_config) -> None:
     config = write_config(**{'max_seq_len': 64, 'train_loader.dataset.max_seq_len': 64, 'eval_loader': None})
     status, line = _run_cli('train', str(config))
@@ -130,6 +133,7 @@ def test_sample_longer_than_max_seq_len(tmp_path, write_config) -> None:
     record('sample longer than max_seq_len', line)
 
 
+@pytest.mark.slow
 def test_token_ids_outside_the_vocabulary(tmp_path, write_config) -> None:
     config = write_config(**{'eval_loader': None})
     shutil.rmtree(tmp_path / 'data' / 'train')
@@ -164,6 +168,7 @@ def _rare_token(data: Path) -> int:
     return int(np.flatnonzero((seen >= 1) & (seen <= 2))[0])
 
 
+@pytest.mark.slow
 def test_nonfinite_teacher_stops_naming_step_rank_and_samples(tmp_path, tiny_assets, write_config) -> None:
     config = write_config(**{'eval_loader': None, 'max_duration': '8ba', 'save_interval': '1ba',
                              'save_num_checkpoints_to_keep': -1, 'train_loader.dataset.shuffle': False})
@@ -186,6 +191,7 @@ def test_nonfinite_teacher_stops_naming_step_rank_and_samples(tmp_path, tiny_ass
     record('NaN in the teacher\'s logits (default: stop)', line, lost='nothing: the bad step was not applied')
 
 
+@pytest.mark.slow
 def test_nonfinite_batches_are_skipped_on_request(tmp_path, tiny_assets, write_config) -> None:
     config = write_config(**{'eval_loader': None, 'max_duration': '8ba', 'save_interval': '8ba',
                              'train_loader.dataset.shuffle': False, 'on_nonfinite': 'skip_batch',

@@ -127,6 +127,7 @@ def _snapshot(cache: Path, repo: str, ref: str, commit: str, model: Any, tokeniz
     (root / 'refs' / ref).write_text(commit)
 
 
+@pytest.mark.slow
 def test_hub_ids_take_revision_and_their_tokenizer_is_checked(tmp_path: Path, tiny_assets: Path) -> None:
     """A Hub id resolved from a Hugging Face cache laid out as the Hub writes it (offline): ``revision`` picks the
     snapshot, and the teacher's tokenizer is compared with the run's though the teacher is no local folder."""
@@ -148,6 +149,7 @@ def test_hub_ids_take_revision_and_their_tokenizer_is_checked(tmp_path: Path, ti
     assert lines[3].startswith('refused: model.teacher:'), lines
 
 
+@pytest.mark.slow
 @pytest.mark.launcher
 def test_mixed_init_trains_the_student_the_cpu_init_trains(tmp_path: Path, tiny_assets: Path) -> None:
     """2 processes, FSDP2: rank 0 loads student and teacher, rank 1 builds them on meta and receives its shards.

@@ -132,7 +132,8 @@ def test_foundry_finds_the_plugin_in_its_registries(tmp_path: Path) -> None:
     check = '''
 import pathlib, llmfoundry
 from llmfoundry import registry
-ours = {'models': ['composer_kd_distillation'], 'callbacks': ['kd_monitor', 'kd_schedule', 'per_sample_log', 'kd_early_stopper'],
+ours = {'models': ['composer_kd_distillation'],
+        'callbacks': ['kd_monitor', 'kd_schedule', 'per_sample_log', 'kd_early_stopper'],
         'dataloaders': ['composer_kd_precomputed', 'composer_kd_tokens'], 'config_transforms': ['composer_kd']}
 for name, keys in ours.items():
     for key in keys:
@@ -191,7 +192,7 @@ def test_llmfoundry_train_equals_composer_kd_train_autoresumes_and_scores_icl_on
         assert report['teacher_tensors_compared'] > 0 and report['teacher_max_abs_change'] == 0.0
     assert first['batch'] == 3 and second['batch'] == 6
     assert 'Trainer checkpoint loaded from' not in first_out
-    assert re.search(r'Trainer checkpoint loaded from \S*latest-rank0.pt', second_out), 'the second run did not autoresume'
+    assert re.search(r'Trainer checkpoint loaded from \S*latest-rank0.pt', second_out), 'no autoresume'
     assert (hf / 'ba3').is_dir() and (hf / 'ba6').is_dir()
 
     # the same run through composer-kd train, 6 batches without a break: the same student
@@ -235,7 +236,8 @@ def test_offline_distillation_under_llmfoundry_train(tmp_path: Path, tiny_assets
     assert report['batch'] == 3 and report['optimizer_state_entries'] == report['student_tensors']
     assert 'teacher_max_abs_change' not in report  # no teacher model was loaded
     assert _logged(out, 'metrics/eval/TeacherDivergenceLoss') > 0  # the precomputed teacher's metrics
-    with (tmp_path / 'samples' / 'samples-rank0.csv').open() as f:  # per_sample_log: our loader's batches carry sample_id
+    # per_sample_log: our loader's batches carry sample_id
+    with (tmp_path / 'samples' / 'samples-rank0.csv').open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 8 and {r['step'] for r in rows} == {'0', '1', '2'} and all(r['kd'] for r in rows)
 

@@ -67,6 +67,7 @@ def test_fsdp1_initialises_teachers_built_on_meta(kind: str) -> None:
     assert norms and all(bool((w == 1.0).all()) for w in norms)  # Hugging Face's own initialisation ran
 
 
+@pytest.mark.slow
 @pytest.mark.launcher
 @pytest.mark.parametrize('recipe', ['llama3-8b-to-1b.yaml', 'llama3-8b-precompute.yaml'])
 def test_the_8b_recipes_model_sections_train_under_fsdp1_with_mixed_init(tmp_path: Path, recipe: str) -> None:

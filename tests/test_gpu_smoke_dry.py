@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = ['G1', 'G2', 'G3', 'G4', 'G5']
 # What a CPU cannot run; everything else runs for real.
@@ -28,6 +30,7 @@ def _numbers(value: Any) -> list[float]:
     return []
 
 
+@pytest.mark.slow
 def test_the_dry_run_writes_every_case_with_real_numbers(tmp_path: Path) -> None:
     out = tmp_path / 'gpu_smoke.json'
     run = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'gpu_smoke.py'), '--dry', '--out', str(out)],

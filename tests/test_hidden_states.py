@@ -349,6 +349,7 @@ def test_resume_restores_the_projections_and_export_leaves_them_out(tmp_path: Pa
 
 
 # -- 2 processes -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.launcher
 def test_two_processes_sharded_match_one(tmp_path: Path, write_config) -> None:
     """FSDP2 on 2 processes (the projections an FSDP root of their own, sharded, in the optimizer, checkpointed

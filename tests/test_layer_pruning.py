@@ -222,6 +222,7 @@ def test_the_pruned_recipe_trains_and_exports_a_plain_student(tmp_path: Path, ti
                      'model.student.from_teacher.layers=[0, 2]: layers [2] out of range: the model has 2 blocks')
 
 
+@pytest.mark.slow
 @pytest.mark.launcher
 def test_mixed_init_on_two_processes_cuts_the_one_process_student(tmp_path: Path, tiny_assets: Path) -> None:
     """FSDP2, ``init_device: mixed``: rank 0 loads the teacher and cuts the student, rank 1 builds both on meta from

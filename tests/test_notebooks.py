@@ -9,7 +9,8 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / 'notebooks').glob('*.ipynb'))
 EXPORTS = {'quickstart.ipynb': 'student', 'offline_teacher.ipynb': 'offline_student',
-           'ensembles_and_rounds.ipynb': 'ensemble_student', 'pruned_students.ipynb': 'pruned_student'}  # exports
+           'ensembles_and_rounds.ipynb': 'ensemble_student', 'pruned_students.ipynb': 'pruned_student',
+           'on_policy.ipynb': 'on_policy_student'}  # exports
 
 
 def test_every_notebook_is_checked() -> None:
@@ -24,6 +25,7 @@ def test_notebook_is_stripped(path: Path) -> None:
             assert not cell.outputs and cell.execution_count is None, f'{path.name}: strip outputs before committing'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_quickstart: Path) -> None:
     # The notebooks start from a finished fast quickstart (theirs skips every stage); a copy, as they write to it.

@@ -42,6 +42,7 @@ def test_prepare_data_records_each_samples_source_document(tiny_assets: Path) ->
     assert len(sources) > 1 and all(name.endswith('.py') for name in sources)
 
 
+@pytest.mark.slow
 def test_every_sample_of_an_epoch_once_across_an_autoresume(capsys, tmp_path: Path, write_config) -> None:
     folder = tmp_path / 'samples'
     config = write_config(max_duration='20ba', callbacks={'per_sample_log': {'folder': str(folder)}}, **EPOCH)

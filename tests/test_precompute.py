@@ -57,6 +57,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob('*')}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoding', ['float16', 'uint8'])
 def test_output_is_the_teachers_top_k(capsys, tmp_path: Path, tiny_assets: Path, precompute_config, encoding) -> None:
     config = precompute_config(**{'precompute.logprobs': encoding, 'precompute.temperatures': [1.0, 2.0]})
@@ -108,6 +109,7 @@ def test_rerun_on_a_complete_output_writes_nothing(capsys, tmp_path: Path, preco
     assert _tree(tmp_path / 'out') == before
 
 
+@pytest.mark.slow
 def test_killed_run_is_finished_by_the_same_command(tmp_path: Path, precompute_config) -> None:
     edits = {'precompute.samples_per_part': 8}  # 49 parts: the run is killed between parts and inside one
     reference_config = precompute_config(**edits, **{'precompute.out.local': str(tmp_path / 'reference')})
@@ -155,6 +157,7 @@ def test_bad_inputs(capsys, tmp_path: Path, precompute_config, overrides: list[s
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_output_folders_it_must_not_touch(capsys, tmp_path: Path, tiny_assets: Path, precompute_config) -> None:
     config = precompute_config()
     _fails(capsys, config, f'precompute.out.local={tiny_assets / "data"}', match='is the source dataset')

@@ -40,6 +40,7 @@ def _teacher_logits(tiny_assets: Path, tokens: np.ndarray) -> list[torch.Tensor]
                 for name in ('teacher', 'teacher_b')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,temperature', [('probs', 1.0), ('logits', 2.0)])
 def test_the_stored_top_k_is_the_ensembles(tmp_path: Path, tiny_assets: Path, mode: str, temperature: float) -> None:
     assert main(['precompute-teacher', str(_config(tmp_path, tiny_assets, 'out', mode, [1.0, temperature]))]) == 0
@@ -69,6 +70,7 @@ def test_the_stored_top_k_is_the_ensembles(tmp_path: Path, tiny_assets: Path, mo
         assert torch.allclose(rest.double(), want_rest, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_an_offline_ensemble_trains_and_its_eval_data_must_be_the_same_ensemble(capsys, tmp_path: Path,
                                                                                tiny_assets: Path) -> None:
     assert main(['precompute-teacher', str(_config(tmp_path, tiny_assets, 'ensemble', 'probs', [1.0]))]) == 0

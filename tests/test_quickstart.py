@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from composer_kd.cli import main
 from composer_kd.quickstart import pipeline as quickstart
 
+pytestmark = pytest.mark.slow  # whole runs: the quickstart, the notebooks, the benchmarks
+
 
 @pytest.fixture
 def fast_run(fast_quickstart: Path) -> Path:
