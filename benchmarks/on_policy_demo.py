@@ -30,7 +30,7 @@ Each stage is kept under ``--out`` and a rerun skips finished stages; ``--stage 
 --model NAME`` run one piece (to run them side by side). Prints one JSON object. Single-threaded by default
 (``--threads``): on a shared 2-core machine one thread per process gives steadier step times.
 
-    python benchmarks/on_policy_demo.py --teacher /tmp/smollm2-135m --out /tmp/opd --on-policy-steps 40
+    python benchmarks/on_policy_demo.py --teacher smollm2-135m --out on-policy-demo --prompts 96   # docs/on-policy.md
 """
 
 import argparse
