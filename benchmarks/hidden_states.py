@@ -16,7 +16,7 @@ high-water mark over the step on CPU — allocator-dependent and noisy —, ``ma
 scale, the bytes of the states the term keeps (P pairs of teacher and projected student states, float32). No timing
 is asserted anywhere.
 
-    python benchmarks/hidden_states.py --threads 1         # the default shape (CPU-sized: 8 steps x ~2-5 s each)
+    python benchmarks/hidden_states.py --threads 1 --rounds 6   # docs/pruned-students.md (the default shape, CPU-sized)
     python benchmarks/hidden_states.py --loss normalized_mse --rounds 12
 
 One JSON object on stdout.

@@ -140,9 +140,10 @@ def main() -> None:
     parser.add_argument('--heldout', type=Path, required=True, help='prepare-data output whose val split is held out')
     parser.add_argument('--train', type=Path, required=True, help='prepare-data output of the training documents')
     parser.add_argument('--out', type=Path, default=Path('pruned-out'))
-    parser.add_argument('--steps', type=int, default=120, help='steps of cut_kd, the budget (default 120)')
+    parser.add_argument('--steps', type=int, default=30, help='steps of cut_kd, the budget (default 30)')
     parser.add_argument('--batch', type=int, default=4, help='sequences per step (default 4)')
-    parser.add_argument('--seq-len', type=int, default=128, help='tokens per sequence (default 128)')
+    parser.add_argument('--seq-len', type=int, default=64, help='tokens per sequence (default 64; the data prepared '
+                        'with --max-seq-len of at least that)')
     parser.add_argument('--cost-rounds', type=int, default=8, help='measured rounds of the step costs (default 8)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s). On cores other '
                         'jobs share, 1: 2 threads that wait for each other at every op measure (and spend) the waits')
