@@ -13,6 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
+# What Composer's Trainer writes into os.environ when it runs in a process no launcher started
+# (composer.utils.dist.initialize_dist): single-rank values that stay for the rest of the pytest process.
+COMPOSER_SINGLE_RANK_VARS = ('NODE_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'RANK', 'LOCAL_RANK')
+
+
+def shell_environment() -> dict[str, str]:
+    """``os.environ`` as a user's shell has it: without the rank variables an earlier in-process Trainer left.
+
+    Composer's own processes accept them (they match its single-rank defaults), but accelerate (under TRL) reads
+    them as a launched job and then wants ``MASTER_ADDR``.
+    """
+    return {key: value for key, value in os.environ.items() if key not in COMPOSER_SINGLE_RANK_VARS}
+
+
 def tiny_gpt2(vocab_size: int = 48, n_layer: int = 1, n_embd: int = 16, seed: int = 0,
               dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
     """A deterministic tiny GPT-2 with dropout off."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import shell_environment
 
 pytestmark = pytest.mark.slow  # whole runs: the quickstart, the notebooks, the benchmarks
 
@@ -48,7 +49,7 @@ def test_on_policy_benchmark_runs_beside_trl_and_splits_the_step(tiny_assets: Pa
     assets = tmp_path / 'assets'  # a copy: Streaming keys its shared memory by the local folder
     shutil.copytree(tiny_assets, assets)
     proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'on_policy.py'), '--assets', str(assets),
-                           '--quick'], capture_output=True, text=True, timeout=600)
+                           '--quick'], capture_output=True, text=True, timeout=600, env=shell_environment())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     for side in ('composer_kd', 'trl'):
