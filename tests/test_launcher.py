@@ -33,6 +33,10 @@ FSDP = ['fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}',
 
 
 def _launcher(tmp_path: Path, nproc: int) -> list[str]:
+    """``composer -n nproc -m composer_kd``; one process is the plain CLI, as a user runs it (and one Python start
+    fewer than a launcher with one rank)."""
+    if nproc == 1:
+        return [sys.executable, '-m', 'composer_kd']
     logs = ['--stdout', str(tmp_path / 'rank{rank}.out'), '--stderr', str(tmp_path / 'rank{rank}.err')]
     return [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), *logs, '-m', 'composer_kd']
 
