@@ -57,6 +57,7 @@ from composer_kd.model.frozen_teachers import FrozenTeachers
 from composer_kd.model.teacher_topk_model import TeacherTopKModel
 from composer_kd.model.vocab import embedding_rows
 from composer_kd.run import precompute_record as record
+from composer_kd.run.cpu_threads import share_cpu_cores
 from composer_kd.builders.models import build_causal_lm, build_tokenizer, check_model_tokenizer
 from composer_kd.config.model_schema import fsdp_settings
 from composer_kd.config.precompute_config import PRECOMPUTE_SCHEMA, PrecomputeSettings, check_precompute_config, \
@@ -154,6 +155,8 @@ def precompute_teacher(cfg: Mapping[str, Any]) -> dict[str, Any]:
         logging.getLogger(name).setLevel(level)
     check_precompute_paths(settings)
     teachers = teacher_entries(cfg['model'])
+    if not gpu:
+        share_cpu_cores()
     dist.initialize_dist(get_device('gpu' if gpu else 'cpu'), timeout=float(cfg.get('dist_timeout', 600)))
     rank = dist.get_global_rank()
     reproducibility.seed_all(cfg.get('seed', 17))

@@ -28,6 +28,7 @@ from composer_kd.config.run_schema import trainer_keys
 from composer_kd.data.tokens import build_token_dataloader
 from composer_kd.errors import TrainingFault
 from composer_kd.run.checkpoint_repair import repair_checkpoint_folder
+from composer_kd.run.cpu_threads import share_cpu_cores
 
 __all__ = ['build_trainer', 'check_only', 'check_run_config', 'train']
 
@@ -120,6 +121,8 @@ def build_trainer(cfg: Mapping[str, Any]) -> Trainer:
     precomputed = is_precomputed(cfg)
     parallelism_config = _parallelism(cfg, world_size)
     seed = cfg.get('seed', 17)
+    if not gpu:
+        share_cpu_cores()
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 600)))
     reproducibility.seed_all(seed)  # the same fresh-model init on every rank
     folder = _local_checkpoint_folder(cfg)
