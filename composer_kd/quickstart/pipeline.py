@@ -74,7 +74,7 @@ class Sizes:
     cost_rounds: int  # measured rounds of the paired step costs (after a sixth as many warm-up rounds)
 
 
-DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 900, 600, 100, 128, 30)
+DEFAULT = Sizes(None, 4096, 128, (3, 192, 3), (1, 96, 2), 450, 300, 100, 128, 20)
 FAST = Sizes(40, 512, 64, (2, 64, 2), (1, 32, 2), 40, 30, 10, 16, 6)
 
 
