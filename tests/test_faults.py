@@ -27,9 +27,11 @@ def _run_cli(*args: str) -> tuple[int, str]:
 
 
 def _fails_at_data(capsys, config: Path, fault: str, match: str, *overrides: str) -> None:
+    """Refused in one line naming the loader and the file (bad index or shard: checked when the loader is built)."""
     assert main(['train', str(config), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+    assert err[0].startswith('composer-kd train: error: train_loader: '), err
     assert not (config.parent / 'runs').exists()  # refused before the Trainer: nothing written
     record(fault, err[0])
 

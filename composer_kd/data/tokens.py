@@ -218,6 +218,8 @@ def build_token_dataloader(dataset: Mapping[str, Any],
     try:
         dset = TokenDataset(max_seq_len=max_seq_len, teacher_temperature=teacher_temperature, batch_size=batch_size,
                             vocab_size=vocab_size, **kwargs)
+    except DataError as e:  # a bad index or shard, named by its file: say which loader reads it too
+        raise DataError(f'{where}{e}') from e
     except ConfigError:
         raise
     except ValueError as e:  # StreamingDataset's checks of its arguments
