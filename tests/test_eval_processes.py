@@ -24,10 +24,11 @@ def _eval_metrics(tmp_path: Path, tiny_assets: Path, nproc: int) -> dict[str, fl
                 'callbacks': {}, 'loggers': {'file': {'filename': str(log), 'flush_interval': 1}}})
     config = tmp_path / f'config-{nproc}.yaml'
     OmegaConf.save(cfg, config)
-    logs = ['--stdout', str(tmp_path / f'{nproc}-rank{{rank}}.out'),
-            '--stderr', str(tmp_path / f'{nproc}-rank{{rank}}.err')]
     # One process is the plain CLI, as a user runs it (a launcher with one rank is one Python start more).
-    launcher = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), *logs] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if nproc > 1:
+        logs = [str(tmp_path / f'{nproc}-rank{{rank}}.{stream}') for stream in ('out', 'err')]
+        launcher += ['-m', 'composer.cli.launcher', '-n', str(nproc), '--stdout', logs[0], '--stderr', logs[1]]
     proc = subprocess.run([*launcher, '-m', 'composer_kd', 'train', str(config)], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
