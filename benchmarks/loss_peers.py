@@ -253,7 +253,9 @@ def main() -> None:
                 for r in results:
                     if r.get('median_s') and plain['median_s']:
                         r['time_over_plain'] = round(r['median_s'] / plain['median_s'], 3)
-                        r['memory_over_plain'] = round(r['peak_bytes'] / plain['peak_bytes'], 3)
+                        # At --quick sizes the plain loss can fit in memory the allocator already holds: 0 bytes.
+                        r['memory_over_plain'] = (round(r['peak_bytes'] / plain['peak_bytes'], 3)
+                                                  if plain['peak_bytes'] else None)
             points.append({'vocab': v, 'tokens': n, 'hidden': hidden, 'cases': results,
                            'agreement': _agreement(results, tolerance)})
     machine = {'platform': platform.platform(), 'processor': platform.processor(), 'cpus': os.cpu_count(),
