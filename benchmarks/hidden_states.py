@@ -26,54 +26,16 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from typing import Callable
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from measure import gpt2 as _gpt2
+from measure import peak_growth as _peak_growth
+from measure import timed as _timed
 
 from composer_kd import DistillationModel
 from composer_kd.model.hidden_state_taps import HiddenStateDistillation
 from composer_kd.model.layer_pruning import cut_model
-
-
-def _gpt2(vocab: int, layers: int, width: int, seq: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_layer=layers, n_embd=width, n_head=max(1, width // 64), n_positions=seq,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config)
-
-
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def _rss() -> tuple[int, int]:
-    """(current, high-water) resident set size in bytes (Linux)."""
-    fields = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines() if ':' in line)
-    return int(fields['VmRSS'].split()[0]) * 1024, int(fields['VmHWM'].split()[0]) * 1024
-
-
-def _peak_growth(fn: Callable[[], None], device: torch.device) -> int:
-    """Bytes the step needs above what is allocated before it."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # resets the high-water mark to the current resident set
-    base = _rss()[0]
-    fn()
-    return _rss()[1] - base
 
 
 def _saved_for_backward(forward: Callable[[], torch.Tensor]) -> int:
